@@ -1,0 +1,11 @@
+//! sandbox-supervisor: the PID-1 supervisor of Kubernetes agent sandboxes that are
+//! pre-started in warm pools. See the README for the architecture; each module owns one
+//! concern.
+
+pub mod proto {
+    //! The generated protocol (`proto/sandbox/supervisor/v1/supervisor.proto`).
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("sandbox.supervisor.v1");
+}
+
+pub mod identity;
