@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Build the fully static release binary that goes into images, on the gnu target of this
+# machine (no musl toolchain needed), copy it to dist/sandbox-supervisor, prove it static
+# and print its size.
+#
+# Usage: scripts/build-static.sh [output-path]   (default: dist/sandbox-supervisor)
+# Then:  docker build --target runtime-prebuilt --build-arg BINARY=dist/sandbox-supervisor \
+#            -t sandbox-supervisor:dev .
+# Needs: the Rust toolchain with its x86_64-unknown-linux-gnu target, gcc and glibc's
+# static libraries (Debian: libc6-dev), binutils (for the check).
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+target=x86_64-unknown-linux-gnu
+out=${1:-dist/sandbox-supervisor}
+
+# --target is explicit on purpose: with it, RUSTFLAGS apply to the final binary only and
+# not to build scripts and proc macros, which cannot be linked with crt-static.
+# crt-static on the gnu target yields a static-pie executable: no loader, no libc.so.
+RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }-C target-feature=+crt-static" \
+    cargo build --release --locked --target "$target" --bin sandbox-supervisor
+
+built="${CARGO_TARGET_DIR:-target}/$target/release/sandbox-supervisor"
+mkdir -p "$(dirname "$out")"
+# cp to a temp name then rename, so a concurrent docker build never sees half a file.
+cp "$built" "$out.tmp"
+mv -f "$out.tmp" "$out"
+
+"$repo/scripts/check-static.sh" "$out"
+echo "built $out ($(stat -c %s "$out") bytes)"
