@@ -1,18 +1,25 @@
 #!/usr/bin/env bash
 # Build the fully static release binary that goes into images, on the gnu target of this
 # machine (no musl toolchain needed), copy it to dist/sandbox-supervisor, prove it static
-# and print its size.
+# and print its size. The Dockerfile's builder stage runs this same script, so the image
+# built with a registry and the one CI builds from a prebuilt binary use one recipe.
 #
-# Usage: scripts/build-static.sh [output-path]   (default: dist/sandbox-supervisor)
+# Usage: scripts/build-static.sh [output-path]   (default: dist/sandbox-supervisor;
+#        a relative path is taken from the repository root)
+#   TARGET=<gnu triple>  the Rust target (default: this host's, e.g. x86_64-unknown-linux-gnu)
 # Then:  docker build --target runtime-prebuilt --build-arg BINARY=dist/sandbox-supervisor \
 #            -t sandbox-supervisor:dev .
-# Needs: the Rust toolchain with its x86_64-unknown-linux-gnu target, gcc and glibc's
+# Needs: the Rust toolchain for a *-linux-gnu target, gcc and glibc's
 # static libraries (Debian: libc6-dev), binutils (for the check).
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
-target=x86_64-unknown-linux-gnu
+target=${TARGET:-$(rustc -vV | sed -n 's/^host: //p')}
+case "$target" in
+    *-linux-gnu) ;;
+    *) echo "build-static: target '$target' is not a *-linux-gnu target; crt-static is only set up for gnu here" >&2; exit 2 ;;
+esac
 out=${1:-dist/sandbox-supervisor}
 
 # --target is explicit on purpose: with it, RUSTFLAGS apply to the final binary only and
