@@ -54,7 +54,7 @@ fi
 needed=$(LC_ALL=C readelf -dW "$bin" 2>/dev/null | grep -E '\(NEEDED\)' || true)
 if [[ -n "$needed" ]]; then
     echo "FAIL $bin: has DT_NEEDED entries:" >&2
-    sed 's/^/    /' <<<"$needed" >&2
+    while IFS= read -r line; do echo "    $line"; done <<<"$needed" >&2
     failed=1
 fi
 
