@@ -180,6 +180,11 @@ impl ReferenceGateway {
         &self.inner.shared
     }
 
+    #[cfg(test)]
+    pub(crate) fn shared_for_tests(&self) -> &Arc<Shared> {
+        &self.inner.shared
+    }
+
     /// `https://127.0.0.1:PORT` (TLS) or `http://127.0.0.1:PORT`.
     pub fn endpoint(&self) -> String {
         let scheme = if self.shared().cfg.tls.is_some() {
@@ -267,10 +272,7 @@ impl ReferenceGateway {
                 sessions: HashMap::new(),
                 pending_opens: HashMap::new(),
             };
-            let push = match push {
-                Some(link) => Some((link, shared.activation(&entry))),
-                None => None,
-            };
+            let push = push.map(|link| (link, shared.activation(&entry)));
             st.sandboxes.insert(sandbox_id.clone(), entry);
             (sandbox_id, claim_uid, push)
         };

@@ -161,7 +161,7 @@ pub(crate) async fn run_session_stream(
     let stop = super::state::Stop::new();
     let attached = {
         let mut st = shared.lock();
-        attach_locked(&mut st, &claims, &attach.session_id).map(|core| {
+        attach_locked(&mut st, &claims, &attach.session_id).inspect(|core| {
             let old = core.inner().stream.replace(StreamLink {
                 gen,
                 tx: tx.clone(),
@@ -174,7 +174,6 @@ pub(crate) async fn run_session_stream(
                     core.id
                 ))));
             }
-            core
         })
     };
     let core = match attached {
@@ -227,8 +226,15 @@ pub(crate) async fn run_session_stream(
             }
         }
     };
-    if let Err(status) = outcome {
-        let _ = tx.send(Err(status)).await;
+    match outcome {
+        Err(status) => {
+            let _ = tx.send(Err(status)).await;
+        }
+        Ok(true) => {
+            // Everything is held now: a final ack lets the supervisor free its buffer.
+            let _ = tx.send(Ok(ack_frame(core.held()))).await;
+        }
+        Ok(false) => {}
     }
     // Release this stream's slot so the forwarder stops and the response ends.
     {

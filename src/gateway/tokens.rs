@@ -2,7 +2,7 @@
 //! TokenReview would, and the gateway's own short-lived sandbox tokens. Errors say which
 //! check failed and by how much; they never carry token material.
 
-use super::issuer::{generate_es256, unix_now, unix_now_ms, IssuerError, ProjectedClaims};
+use super::issuer::{generate_es256, unix_now_ms, IssuerError, ProjectedClaims};
 use crate::identity::SecretToken;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -98,13 +98,14 @@ fn verify<T: serde::de::DeserializeOwned>(
 }
 
 fn check_times(exp: i64, nbf: Option<i64>, leeway: i64) -> Result<(), TokenError> {
-    let now = unix_now();
-    if now > exp + leeway {
-        return Err(TokenError::Expired(now - exp));
+    // Milliseconds, so a token is dead at exactly `exp`, not up to a second later.
+    let now_ms = unix_now_ms();
+    if now_ms >= (exp + leeway) * 1000 {
+        return Err(TokenError::Expired((now_ms - exp * 1000) / 1000));
     }
     if let Some(nbf) = nbf {
-        if nbf > now + leeway {
-            return Err(TokenError::NotYetValid(nbf - now));
+        if nbf * 1000 > now_ms + leeway * 1000 {
+            return Err(TokenError::NotYetValid((nbf * 1000 - now_ms) / 1000));
         }
     }
     Ok(())
