@@ -42,6 +42,12 @@ pub struct GatewayConfig {
     pub park_expiry_margin: Duration,
     pub http2_keepalive_interval: Duration,
     pub http2_keepalive_timeout: Duration,
+    /// Receive window per HTTP/2 stream (what one session may have in flight).
+    pub http2_stream_window: u32,
+    /// Receive window per connection. Unread data of a stalled stream holds connection
+    /// window too, so this must be many stream windows, or one consumer that stops
+    /// reading stalls every session on the connection.
+    pub http2_connection_window: u32,
 }
 
 impl GatewayConfig {
@@ -59,6 +65,8 @@ impl GatewayConfig {
             park_expiry_margin: Duration::from_secs(30),
             http2_keepalive_interval: Duration::from_secs(10),
             http2_keepalive_timeout: Duration::from_secs(5),
+            http2_stream_window: 256 * 1024,
+            http2_connection_window: 32 * 1024 * 1024,
         }
     }
 }
@@ -100,6 +108,22 @@ struct Inner {
     serving: Mutex<Option<Serving>>,
 }
 
+impl Drop for Inner {
+    // The last handle gone: close the listener and every connection, so a test's
+    // gateway does not outlive it.
+    fn drop(&mut self) {
+        if let Some(serving) = self
+            .serving
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            let _ = serving.shutdown.send(());
+            serving.conns.shutdown_all();
+        }
+    }
+}
+
 /// The reference gateway. Cloning shares the same server.
 #[derive(Clone)]
 pub struct ReferenceGateway {
@@ -121,6 +145,8 @@ async fn serve(shared: Arc<Shared>, listener: TcpListener) -> anyhow::Result<Ser
     let mut builder = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(cfg.http2_keepalive_interval))
         .http2_keepalive_timeout(Some(cfg.http2_keepalive_timeout))
+        .initial_stream_window_size(Some(cfg.http2_stream_window))
+        .initial_connection_window_size(Some(cfg.http2_connection_window))
         .tcp_nodelay(true);
     if let Some(tls) = &cfg.tls {
         builder = builder.tls_config(tls.to_tonic())?;

@@ -288,7 +288,8 @@ pub fn tamper_signature(token: &SecretToken) -> SecretToken {
 }
 
 /// Writes the projected token like the kubelet: `dir/..<timestamp>/token` (0600), the
-/// `..data` symlink swapped atomically to it, and `dir/token -> ..data/token`.
+/// `..data` symlink swapped atomically to it, and `dir/token -> ..data/token`. The
+/// generation before the current one is kept until the next write.
 pub fn write_projected(dir: &Path, token: &SecretToken) -> Result<(), IssuerError> {
     atomic_write_dir(dir, &[("token", token.expose().as_bytes(), 0o600)])
 }
@@ -380,10 +381,17 @@ fn atomic_write_dir(dir: &Path, files: &[(&str, &[u8], u32)]) -> Result<(), Issu
                 .map_err(io_err(&visible))?;
         }
     }
-    if let Some(old) = old_target {
-        let old_dir = dir.join(old);
-        if old_dir != ts_dir {
-            let _ = std::fs::remove_dir_all(&old_dir);
+    // Remove older generations but keep the one just replaced: a reader that resolved
+    // `..data` a moment before the swap still finds its file. (The kubelet removes it at
+    // once, so a real reader can see a brief ENOENT and should retry once.)
+    let keep = old_target.map(|p| p.to_string_lossy().into_owned());
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let generation = name.starts_with("..") && name != "..data" && name != "..data_tmp";
+            if generation && name != stamp && Some(&name) != keep.as_ref() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
         }
     }
     Ok(())
