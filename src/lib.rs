@@ -8,4 +8,5 @@ pub mod proto {
     tonic::include_proto!("sandbox.supervisor.v1");
 }
 
+pub mod gateway;
 pub mod identity;

@@ -1,0 +1,25 @@
+//! The reference gateway: a real server for the whole protocol (register and park,
+//! activation, sandbox tokens, the control stream, session streams, release), driven
+//! in-process by tests, benchmarks and the `local` command. The supervisor is always its
+//! gRPC client.
+
+mod control;
+mod driver;
+pub mod issuer;
+pub mod link;
+mod net;
+pub mod pki;
+mod register;
+mod sandbox;
+mod server;
+mod sessions;
+mod state;
+pub mod tokens;
+
+pub use driver::{ClaimOptions, ExecError, GatewayConfig, ParkedPod, ReferenceGateway};
+pub use sandbox::Sandbox;
+pub use sessions::{Exec, ExecEvent, ExecOutput, ACK_EVERY};
+pub use state::PodStats;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,240 @@
+//! The `Gateway` gRPC service: authentication and dispatch. Register/park/issue live in
+//! `register.rs`, the control stream in `control.rs`, session streams in `sessions.rs`.
+
+use super::sessions::run_session_stream;
+use super::state::{SandboxEntry, Shared};
+use super::tokens::{PodIdentity, SandboxClaims, TokenError};
+use crate::identity::bearer_from_metadata;
+use crate::proto;
+use crate::proto::gateway_message::Msg as GwMsg;
+use crate::proto::register_event::Event as RegEvent;
+use std::pin::Pin;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+pub(crate) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+pub(crate) struct GatewayService {
+    pub shared: Arc<Shared>,
+}
+
+pub(crate) fn boxed<T: Send + 'static>(rx: mpsc::Receiver<Result<T, Status>>) -> BoxStream<T> {
+    Box::pin(ReceiverStream::new(rx))
+}
+
+pub(crate) fn fixed<T: Send + 'static>(items: Vec<T>) -> BoxStream<T> {
+    Box::pin(tokio_stream::iter(items.into_iter().map(Ok)))
+}
+
+pub(crate) fn reg(event: RegEvent) -> proto::RegisterEvent {
+    proto::RegisterEvent { event: Some(event) }
+}
+
+pub(crate) fn gw(msg: GwMsg) -> proto::GatewayMessage {
+    proto::GatewayMessage { msg: Some(msg) }
+}
+
+pub(crate) fn rejected(reason: String) -> proto::RegisterEvent {
+    reg(RegEvent::Rejected(proto::Rejected {
+        reason,
+        retryable: false,
+    }))
+}
+
+impl Shared {
+    /// Validates the projected token of a call.
+    fn projected_identity(
+        &self,
+        meta: &tonic::metadata::MetadataMap,
+    ) -> Result<PodIdentity, TokenError> {
+        let token = bearer_from_metadata(meta).ok_or(TokenError::Missing)?;
+        self.projected.validate(&token)
+    }
+
+    /// Validates the sandbox token of a call.
+    pub(crate) fn sandbox_claims(
+        &self,
+        meta: &tonic::metadata::MetadataMap,
+    ) -> Result<SandboxClaims, Status> {
+        let token = bearer_from_metadata(meta)
+            .ok_or_else(|| Status::unauthenticated(TokenError::Missing.to_string()))?;
+        self.sandbox_tokens.validate(&token).map_err(|e| {
+            Status::unauthenticated(format!(
+                "sandbox token rejected: {e}; re-issue it with IssueSandboxToken"
+            ))
+        })
+    }
+
+    /// A fresh activation for `sb` (a new sandbox token every time).
+    pub(crate) fn activation(&self, sb: &SandboxEntry) -> Result<proto::Activation, Status> {
+        let (token, token_expires_at_ms) = self
+            .sandbox_tokens
+            .mint(&sb.id, &sb.claim_uid, &sb.pod_uid)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(proto::Activation {
+            sandbox_id: sb.id.clone(),
+            claim_uid: sb.claim_uid.clone(),
+            pod_uid: sb.pod_uid.clone(),
+            token: token.expose().to_owned(),
+            token_expires_at_ms,
+            labels: sb.labels.clone(),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl proto::gateway_server::Gateway for GatewayService {
+    type RegisterStream = BoxStream<proto::RegisterEvent>;
+    type ConnectStream = BoxStream<proto::GatewayMessage>;
+    type SessionStream = BoxStream<proto::SessionDown>;
+
+    async fn register(
+        &self,
+        request: Request<proto::RegisterRequest>,
+    ) -> Result<Response<Self::RegisterStream>, Status> {
+        let shared = &self.shared;
+        let ident = shared.projected_identity(request.metadata());
+        let req = request.into_inner();
+        let claimed_pod = req.pod.clone().unwrap_or_default();
+        let ident = match ident {
+            Ok(i) => i,
+            Err(e) => {
+                {
+                    let mut st = shared.lock();
+                    let s = st.stats_mut(&claimed_pod.name);
+                    s.register_attempts += 1;
+                    s.rejected += 1;
+                }
+                shared.bump();
+                tracing::warn!(event = "gateway.register.unauthenticated", pod = %claimed_pod.name, error = %e, "register rejected");
+                return Err(Status::unauthenticated(format!(
+                    "projected token rejected: {e}"
+                )));
+            }
+        };
+
+        let plan = self.plan_register(&ident, &req);
+        let stream = match plan {
+            Ok(super::register::RegisterPlan::Events(events)) => fixed(events),
+            Ok(super::register::RegisterPlan::Park) => self.park(&ident, &req),
+            Err(reason) => {
+                tracing::warn!(event = "gateway.register.rejected", pod = %ident.pod_name, reason = %reason, "register rejected");
+                fixed(vec![rejected(reason)])
+            }
+        };
+        shared.bump();
+        Ok(Response::new(stream))
+    }
+
+    async fn issue_sandbox_token(
+        &self,
+        request: Request<proto::IssueSandboxTokenRequest>,
+    ) -> Result<Response<proto::IssueSandboxTokenResponse>, Status> {
+        let shared = &self.shared;
+        let ident = shared.projected_identity(request.metadata());
+        let req = request.into_inner();
+        let claimed_pod = req.pod.clone().unwrap_or_default();
+        let ident = match ident {
+            Ok(i) => i,
+            Err(e) => {
+                shared.lock().stats_mut(&claimed_pod.name).issue_attempts += 1;
+                shared.bump();
+                return Err(Status::unauthenticated(format!(
+                    "projected token rejected: {e}"
+                )));
+            }
+        };
+        let result = {
+            let mut st = shared.lock();
+            st.stats_mut(&ident.pod_name).issue_attempts += 1;
+            super::register::issue_locked(shared, &mut st, &ident, &req)
+        };
+        if result.is_ok() {
+            shared.lock().stats_mut(&ident.pod_name).issued += 1;
+        }
+        shared.bump();
+        result.map(|activation| {
+            Response::new(proto::IssueSandboxTokenResponse {
+                activation: Some(activation),
+            })
+        })
+    }
+
+    async fn refresh_sandbox_token(
+        &self,
+        request: Request<proto::RefreshSandboxTokenRequest>,
+    ) -> Result<Response<proto::RefreshSandboxTokenResponse>, Status> {
+        let shared = &self.shared;
+        let claims = shared.sandbox_claims(request.metadata())?;
+        let pod_name = {
+            let mut st = shared.lock();
+            let sb = st.sandboxes.get_mut(&claims.sandbox_id).ok_or_else(|| {
+                Status::not_found(format!(
+                    "sandbox {} is not known to this gateway",
+                    claims.sandbox_id
+                ))
+            })?;
+            if sb.claim_uid != claims.claim_uid {
+                return Err(Status::permission_denied(format!(
+                    "sandbox {} is bound to another claim now",
+                    claims.sandbox_id
+                )));
+            }
+            if let Some(why) = sb.gone_reason() {
+                return Err(Status::permission_denied(format!(
+                    "{why}; release the sandbox"
+                )));
+            }
+            sb.confirmed = true;
+            let name = sb.pod_name.clone();
+            st.stats_mut(&name).refreshed += 1;
+            name
+        };
+        shared.bump();
+        let (token, token_expires_at_ms) = shared
+            .sandbox_tokens
+            .mint(&claims.sandbox_id, &claims.claim_uid, &claims.pod_uid)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        tracing::debug!(event = "gateway.token.refreshed", pod = %pod_name, sandbox_id = %claims.sandbox_id, token = %token, "sandbox token refreshed");
+        Ok(Response::new(proto::RefreshSandboxTokenResponse {
+            token: token.expose().to_owned(),
+            token_expires_at_ms,
+        }))
+    }
+
+    async fn connect(
+        &self,
+        request: Request<Streaming<proto::SupervisorMessage>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        let claims = self.shared.sandbox_claims(request.metadata())?;
+        let inbound = request.into_inner();
+        // Sized so Accepted and every re-attach fit without waiting (queued under the lock).
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(super::control::run_control(
+            Arc::clone(&self.shared),
+            claims,
+            inbound,
+            tx,
+        ));
+        Ok(Response::new(boxed(rx)))
+    }
+
+    async fn session(
+        &self,
+        request: Request<Streaming<proto::SessionUp>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let claims = self.shared.sandbox_claims(request.metadata())?;
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(32);
+        tokio::spawn(run_session_stream(
+            Arc::clone(&self.shared),
+            claims,
+            inbound,
+            tx,
+        ));
+        Ok(Response::new(boxed(rx)))
+    }
+}

@@ -1,0 +1,575 @@
+//! Exec sessions on the gateway side: the `Session` stream handler (dedupe by offset,
+//! delivery to the consumer through a bounded channel, acks as the consumer takes
+//! data) and the driver's `Exec` handle.
+//!
+//! Backpressure: each session has its own bounded consumer channel. A consumer that
+//! stops reading fills it, the stream handler stops reading that HTTP/2 stream, and no
+//! acks are sent, so only that session's producer is paused on the supervisor.
+
+use super::state::{Shared, StopListener, StopReason, StreamLink};
+use super::tokens::SandboxClaims;
+use crate::proto;
+use crate::proto::session_down::Msg as DownMsg;
+use crate::proto::session_up::Msg as UpMsg;
+use bytes::Bytes;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tonic::{Status, Streaming};
+
+/// Acks are sent at least every this many consumed bytes, and whenever the consumer
+/// has drained everything delivered so far.
+pub const ACK_EVERY: u64 = 256 * 1024;
+/// Output frames buffered per session between the stream and the consumer.
+const CONSUMER_FRAMES: usize = 64;
+/// Driver-to-process frames (stdin, resize, signal) queued per session.
+const DOWN_FRAMES: usize = 64;
+/// The first frame of a stream must arrive within this.
+pub(crate) const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the consumer of an exec session sees, in order; `Exited` is last.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ExecEvent {
+    Stdout(Bytes),
+    Stderr(Bytes),
+    Exited(proto::ExitStatus),
+}
+
+/// Everything a session produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExecOutput {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub exit: proto::ExitStatus,
+}
+
+pub(crate) struct SessionInner {
+    pub stream: Option<StreamLink<proto::SessionDown>>,
+    pub pid: Option<u32>,
+    pub exit_from_control: Option<proto::ExitStatus>,
+    /// A down frame taken from the queue by a stream that died before sending it.
+    pub requeued: Option<proto::SessionDown>,
+}
+
+pub(crate) struct Delivery {
+    pub consumer: Option<mpsc::Sender<ExecEvent>>,
+}
+
+/// One exec session as the gateway tracks it, across any number of Session streams.
+pub(crate) struct SessionCore {
+    pub id: String,
+    pub inner: Mutex<SessionInner>,
+    /// Serializes delivery so two streams of the same session never interleave.
+    pub delivery: tokio::sync::Mutex<Delivery>,
+    /// Bytes delivered to the consumer channel (the gateway holds everything below).
+    pub held_stdout: AtomicU64,
+    pub held_stderr: AtomicU64,
+    /// The stream generation allowed to deliver (the latest Attach).
+    pub current_gen: AtomicU64,
+    pub complete: AtomicBool,
+    pub down_tx: mpsc::Sender<proto::SessionDown>,
+    pub down_rx: tokio::sync::Mutex<mpsc::Receiver<proto::SessionDown>>,
+    /// Offsets consumed by the driver; every change becomes an `Ack` down the stream.
+    pub ack: watch::Sender<(u64, u64)>,
+}
+
+impl SessionCore {
+    pub fn new(id: String) -> (Arc<SessionCore>, mpsc::Receiver<ExecEvent>) {
+        let (consumer_tx, consumer_rx) = mpsc::channel(CONSUMER_FRAMES);
+        let (down_tx, down_rx) = mpsc::channel(DOWN_FRAMES);
+        let core = SessionCore {
+            id,
+            inner: Mutex::new(SessionInner {
+                stream: None,
+                pid: None,
+                exit_from_control: None,
+                requeued: None,
+            }),
+            delivery: tokio::sync::Mutex::new(Delivery {
+                consumer: Some(consumer_tx),
+            }),
+            held_stdout: AtomicU64::new(0),
+            held_stderr: AtomicU64::new(0),
+            current_gen: AtomicU64::new(0),
+            complete: AtomicBool::new(false),
+            down_tx,
+            down_rx: tokio::sync::Mutex::new(down_rx),
+            ack: watch::channel((0, 0)).0,
+        };
+        (Arc::new(core), consumer_rx)
+    }
+
+    pub fn inner(&self) -> std::sync::MutexGuard<'_, SessionInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn held(&self) -> (u64, u64) {
+        (
+            self.held_stdout.load(Ordering::Acquire),
+            self.held_stderr.load(Ordering::Acquire),
+        )
+    }
+
+    /// Ends the current stream (if any) with `reason`.
+    pub fn end_stream(&self, reason: StopReason) {
+        if let Some(link) = self.inner().stream.take() {
+            link.end(reason);
+        }
+    }
+
+    /// The session is gone on the supervisor: the consumer sees its channel close
+    /// without an exit.
+    pub async fn mark_lost(&self) {
+        self.end_stream(StopReason::Clean);
+        self.delivery.lock().await.consumer = None;
+    }
+}
+
+/// The Session rpc after authentication: reads `Attach`, routes to the session, and
+/// pumps frames until `Exited`, an error, or the gateway stops the stream.
+pub(crate) async fn run_session_stream(
+    shared: Arc<Shared>,
+    claims: SandboxClaims,
+    mut inbound: Streaming<proto::SessionUp>,
+    tx: mpsc::Sender<Result<proto::SessionDown, Status>>,
+) {
+    let attach = match tokio::time::timeout(FIRST_FRAME_TIMEOUT, inbound.message()).await {
+        Ok(Ok(Some(proto::SessionUp {
+            msg: Some(UpMsg::Attach(a)),
+        }))) => a,
+        Ok(Ok(Some(_))) => {
+            let _ = tx
+                .send(Err(Status::invalid_argument(
+                    "the first frame of a Session stream must be Attach",
+                )))
+                .await;
+            return;
+        }
+        Ok(Ok(None)) | Ok(Err(_)) => return,
+        Err(_) => {
+            let _ = tx
+                .send(Err(Status::invalid_argument(format!(
+                    "no Attach frame within {FIRST_FRAME_TIMEOUT:?} of opening the Session stream"
+                ))))
+                .await;
+            return;
+        }
+    };
+
+    let gen = shared.next_gen();
+    let stop = super::state::Stop::new();
+    let attached = {
+        let mut st = shared.lock();
+        attach_locked(&mut st, &claims, &attach.session_id).inspect(|core| {
+            let old = core.inner().stream.replace(StreamLink {
+                gen,
+                tx: tx.clone(),
+                stop: stop.clone(),
+            });
+            core.current_gen.store(gen, Ordering::Release);
+            if let Some(old) = old {
+                old.end(StopReason::Fail(Status::aborted(format!(
+                    "session {} was re-attached on a newer Session stream",
+                    core.id
+                ))));
+            }
+        })
+    };
+    let core = match attached {
+        Ok(core) => core,
+        Err(status) => {
+            let _ = tx.send(Err(status)).await;
+            return;
+        }
+    };
+    tracing::debug!(event = "gateway.session.attached", session_id = %core.id, gen,
+        stdout_offset = attach.stdout_offset, stderr_offset = attach.stderr_offset, "session stream attached");
+
+    tokio::spawn(forward_down(Arc::clone(&core), tx.clone(), stop.listener()));
+
+    let mut stopped = stop.listener();
+    let outcome: Result<bool, Status> = loop {
+        tokio::select! {
+            reason = stopped.fired() => {
+                if let StopReason::Fail(status) = reason {
+                    let _ = tx.send(Err(status)).await;
+                }
+                break Ok(false);
+            }
+            msg = inbound.message() => match msg {
+                Ok(Some(up)) => match up.msg {
+                    Some(UpMsg::Output(out)) => {
+                        match deliver_output(&core, gen, out, &mut stopped).await {
+                            Ok(true) => {}
+                            Ok(false) => break Ok(false),
+                            Err(status) => break Err(status),
+                        }
+                    }
+                    Some(UpMsg::Exited(status)) => {
+                        break Ok(deliver_exit(&shared, &claims, &core, gen, status, &mut stopped).await);
+                    }
+                    Some(UpMsg::Error(err)) => {
+                        tracing::warn!(event = "gateway.session.stream_error", session_id = %core.id,
+                            code = err.code, message = %err.message, "supervisor ended a session stream with an error");
+                        if err.code == proto::ErrorCode::NotFound as i32 {
+                            forget_lost(&shared, &claims.sandbox_id, &core).await;
+                        }
+                        break Ok(false);
+                    }
+                    Some(UpMsg::Attach(_)) => {
+                        break Err(Status::invalid_argument("Attach is only valid as the first frame of a Session stream"));
+                    }
+                    None => {}
+                },
+                Ok(None) | Err(_) => break Ok(false),
+            }
+        }
+    };
+    match outcome {
+        Err(status) => {
+            let _ = tx.send(Err(status)).await;
+        }
+        Ok(true) => {
+            // Everything is held now: a final ack lets the supervisor free its buffer.
+            let _ = tx.send(Ok(ack_frame(core.held()))).await;
+        }
+        Ok(false) => {}
+    }
+    // Release this stream's slot so the forwarder stops and the response ends.
+    {
+        let mut inner = core.inner();
+        if inner.stream.as_ref().map(|l| l.gen) == Some(gen) {
+            inner.stream = None;
+        }
+    }
+    stop.fire(StopReason::Clean);
+}
+
+fn attach_locked(
+    st: &mut super::state::State,
+    claims: &SandboxClaims,
+    session_id: &str,
+) -> Result<Arc<SessionCore>, Status> {
+    let sb = st.sandboxes.get_mut(&claims.sandbox_id).ok_or_else(|| {
+        Status::not_found(format!(
+            "sandbox {} is not known to this gateway",
+            claims.sandbox_id
+        ))
+    })?;
+    if let Some(why) = sb.gone_reason() {
+        return Err(Status::permission_denied(why));
+    }
+    sb.sessions.get(session_id).cloned().ok_or_else(|| {
+        Status::not_found(format!(
+            "session {session_id:?} is not known to the gateway (already complete, or never opened); drop it"
+        ))
+    })
+}
+
+/// Delivers one Output frame. Ok(false): this stream was superseded or stopped.
+async fn deliver_output(
+    core: &SessionCore,
+    gen: u64,
+    out: proto::Output,
+    stopped: &mut StopListener,
+) -> Result<bool, Status> {
+    let mut d = tokio::select! {
+        d = core.delivery.lock() => d,
+        _ = stopped.fired() => return Ok(false),
+    };
+    if core.current_gen.load(Ordering::Acquire) != gen {
+        return Ok(false);
+    }
+    let (held, is_stdout) = match proto::StreamKind::try_from(out.stream) {
+        Ok(proto::StreamKind::Stdout) => (&core.held_stdout, true),
+        Ok(proto::StreamKind::Stderr) => (&core.held_stderr, false),
+        _ => {
+            return Err(Status::invalid_argument(format!(
+                "Output frame of session {} has stream kind {}; want STDOUT or STDERR",
+                core.id, out.stream
+            )))
+        }
+    };
+    let have = held.load(Ordering::Acquire);
+    let end = out.offset + out.data.len() as u64;
+    if out.offset > have {
+        return Err(Status::failed_precondition(format!(
+            "output gap in session {}: {} frame starts at offset {} but the gateway holds only up to {}; replay from {}",
+            core.id,
+            if is_stdout { "stdout" } else { "stderr" },
+            out.offset,
+            have,
+            have
+        )));
+    }
+    if end <= have {
+        return Ok(true); // a replayed duplicate
+    }
+    let fresh = Bytes::from(out.data).slice((have - out.offset) as usize..);
+    let event = if is_stdout {
+        ExecEvent::Stdout(fresh)
+    } else {
+        ExecEvent::Stderr(fresh)
+    };
+    if let Some(consumer) = &d.consumer {
+        tokio::select! {
+            sent = consumer.send(event) => {
+                if sent.is_err() {
+                    // Nobody consumes any more: hold (discard) and ack so the process is not stalled.
+                    d.consumer = None;
+                }
+            }
+            _ = stopped.fired() => return Ok(false),
+        }
+    }
+    held.store(end, Ordering::Release);
+    if d.consumer.is_none() {
+        core.ack.send_replace(core.held());
+    }
+    Ok(true)
+}
+
+/// Delivers the exit (the last frame), completes the session and tells the supervisor
+/// to forget it. Returns true when the session completed.
+async fn deliver_exit(
+    shared: &Shared,
+    claims: &SandboxClaims,
+    core: &SessionCore,
+    gen: u64,
+    status: proto::ExitStatus,
+    stopped: &mut StopListener,
+) -> bool {
+    let mut d = tokio::select! {
+        d = core.delivery.lock() => d,
+        _ = stopped.fired() => return false,
+    };
+    if core.current_gen.load(Ordering::Acquire) != gen {
+        return false;
+    }
+    if let Some(consumer) = d.consumer.take() {
+        tokio::select! {
+            _ = consumer.send(ExecEvent::Exited(status)) => {}
+            _ = stopped.fired() => {
+                d.consumer = Some(consumer);
+                return false;
+            }
+        }
+    }
+    core.complete.store(true, Ordering::Release);
+    drop(d);
+    let control = {
+        let mut st = shared.lock();
+        st.sandboxes.get_mut(&claims.sandbox_id).and_then(|sb| {
+            sb.sessions.remove(&core.id);
+            sb.control.as_ref().map(|c| c.tx.clone())
+        })
+    };
+    shared.bump();
+    tracing::debug!(event = "gateway.session.completed", session_id = %core.id, "session complete; forgetting");
+    if let Some(tx) = control {
+        let _ = tx.send(Ok(forget(&core.id))).await;
+    }
+    true
+}
+
+pub(crate) fn forget(session_id: &str) -> proto::GatewayMessage {
+    proto::GatewayMessage {
+        msg: Some(proto::gateway_message::Msg::ForgetSession(
+            proto::ForgetSession {
+                session_id: session_id.to_owned(),
+            },
+        )),
+    }
+}
+
+/// The supervisor says it does not know the session: it is lost.
+async fn forget_lost(shared: &Shared, sandbox_id: &str, core: &SessionCore) {
+    {
+        let mut st = shared.lock();
+        if let Some(sb) = st.sandboxes.get_mut(sandbox_id) {
+            sb.sessions.remove(&core.id);
+            sb.pending_opens.remove(&core.id);
+        }
+    }
+    core.delivery.lock().await.consumer = None;
+    shared.bump();
+}
+
+/// Moves driver frames (stdin, resize, signal) and acks down the current stream.
+async fn forward_down(
+    core: Arc<SessionCore>,
+    tx: mpsc::Sender<Result<proto::SessionDown, Status>>,
+    mut stopped: StopListener,
+) {
+    let mut rx = tokio::select! {
+        rx = core.down_rx.lock() => rx,
+        _ = stopped.fired() => return,
+    };
+    let mut ack_rx = core.ack.subscribe();
+    let initial = *ack_rx.borrow_and_update();
+    let requeued = core.inner().requeued.take();
+    let mut first: Vec<proto::SessionDown> = Vec::new();
+    if initial != (0, 0) {
+        first.push(ack_frame(initial));
+    }
+    first.extend(requeued);
+    for frame in first {
+        if !send_or_requeue(&core, &tx, frame, &mut stopped).await {
+            return;
+        }
+    }
+    loop {
+        let frame = tokio::select! {
+            _ = stopped.fired() => return,
+            changed = ack_rx.changed() => {
+                if changed.is_err() { return; }
+                let a = *ack_rx.borrow_and_update();
+                ack_frame(a)
+            }
+            f = rx.recv() => match f {
+                Some(f) => f,
+                None => return,
+            },
+        };
+        if !send_or_requeue(&core, &tx, frame, &mut stopped).await {
+            return;
+        }
+    }
+}
+
+async fn send_or_requeue(
+    core: &SessionCore,
+    tx: &mpsc::Sender<Result<proto::SessionDown, Status>>,
+    frame: proto::SessionDown,
+    stopped: &mut StopListener,
+) -> bool {
+    let permit = tokio::select! {
+        p = tx.reserve() => p.ok(),
+        _ = stopped.fired() => None,
+    };
+    match permit {
+        Some(p) => {
+            p.send(Ok(frame));
+            true
+        }
+        None => {
+            // Acks are regenerated from the watch; only driver frames must survive.
+            if !matches!(frame.msg, Some(DownMsg::Ack(_))) {
+                core.inner().requeued = Some(frame);
+            }
+            false
+        }
+    }
+}
+
+fn ack_frame((stdout_offset, stderr_offset): (u64, u64)) -> proto::SessionDown {
+    proto::SessionDown {
+        msg: Some(DownMsg::Ack(proto::Ack {
+            stdout_offset,
+            stderr_offset,
+        })),
+    }
+}
+
+/// A running exec session, as the driver sees it.
+pub struct Exec {
+    pub(crate) core: Arc<SessionCore>,
+    pub(crate) rx: mpsc::Receiver<ExecEvent>,
+    pub(crate) pid: u32,
+    pub(crate) consumed: (u64, u64),
+    pub(crate) acked: (u64, u64),
+}
+
+impl std::fmt::Debug for Exec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Exec")
+            .field("session_id", &self.core.id)
+            .field("pid", &self.pid)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Exec {
+    pub fn session_id(&self) -> &str {
+        &self.core.id
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    async fn send_down(&self, msg: DownMsg) -> anyhow::Result<()> {
+        if self.core.complete.load(Ordering::Acquire) {
+            anyhow::bail!("session {} has exited; nothing to send to", self.core.id);
+        }
+        self.core
+            .down_tx
+            .send(proto::SessionDown { msg: Some(msg) })
+            .await
+            .map_err(|_| anyhow::anyhow!("session {} is closed", self.core.id))
+    }
+
+    pub async fn write_stdin(&self, data: Bytes) -> anyhow::Result<()> {
+        self.send_down(DownMsg::Stdin(proto::Stdin {
+            data: data.to_vec(),
+        }))
+        .await
+    }
+
+    pub async fn close_stdin(&self) -> anyhow::Result<()> {
+        self.send_down(DownMsg::StdinEof(proto::StdinEof {})).await
+    }
+
+    pub async fn resize(&self, cols: u32, rows: u32) -> anyhow::Result<()> {
+        self.send_down(DownMsg::Resize(proto::Resize { cols, rows }))
+            .await
+    }
+
+    pub async fn signal(&self, sig: i32) -> anyhow::Result<()> {
+        self.send_down(DownMsg::Signal(proto::Signal { signal: sig }))
+            .await
+    }
+
+    /// The next output chunk or the exit; None when the session ended without an exit
+    /// (it was lost) or after `Exited` was returned.
+    pub async fn next(&mut self) -> Option<ExecEvent> {
+        let ev = self.rx.recv().await?;
+        match &ev {
+            ExecEvent::Stdout(b) => self.consumed.0 += b.len() as u64,
+            ExecEvent::Stderr(b) => self.consumed.1 += b.len() as u64,
+            ExecEvent::Exited(_) => {}
+        }
+        let since = (self.consumed.0 - self.acked.0) + (self.consumed.1 - self.acked.1);
+        if since > 0 && (since >= ACK_EVERY || self.rx.is_empty()) {
+            self.acked = self.consumed;
+            self.core.ack.send_replace(self.consumed);
+        }
+        Some(ev)
+    }
+
+    /// Reads everything until the exit.
+    pub async fn collect(mut self) -> anyhow::Result<ExecOutput> {
+        let mut stdout = Vec::new();
+        let mut stderr = Vec::new();
+        while let Some(ev) = self.next().await {
+            match ev {
+                ExecEvent::Stdout(b) => stdout.extend_from_slice(&b),
+                ExecEvent::Stderr(b) => stderr.extend_from_slice(&b),
+                ExecEvent::Exited(exit) => {
+                    return Ok(ExecOutput {
+                        stdout,
+                        stderr,
+                        exit,
+                    })
+                }
+            }
+        }
+        anyhow::bail!(
+            "session {} ended without an exit status after {} stdout and {} stderr bytes: the supervisor lost it",
+            self.core.id,
+            stdout.len(),
+            stderr.len()
+        )
+    }
+}
