@@ -9,3 +9,4 @@ pub mod proto {
 }
 
 pub mod identity;
+pub mod workspace;
