@@ -10,3 +10,4 @@ pub mod proto {
 
 pub mod gateway;
 pub mod identity;
+pub mod workspace;

@@ -1,0 +1,397 @@
+//! Directory-fd relative file system primitives shared by the layout checks, the seed and
+//! the wipe. Everything here works on a directory fd plus a single name (or a path below
+//! a directory the supervisor alone can write), never on an absolute path a tenant could
+//! have influenced.
+
+use nix::errno::Errno;
+use nix::fcntl::{self, OFlag};
+use nix::sys::stat::Mode;
+use std::ffi::{CStr, CString};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicU8, Ordering};
+
+/// File type as reported by `statx`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Dir,
+    File,
+    Symlink,
+    Fifo,
+    Socket,
+    CharDev,
+    BlockDev,
+    Unknown,
+}
+
+impl Kind {
+    fn from_mode(mode: u32) -> Kind {
+        match mode & libc::S_IFMT {
+            libc::S_IFDIR => Kind::Dir,
+            libc::S_IFREG => Kind::File,
+            libc::S_IFLNK => Kind::Symlink,
+            libc::S_IFIFO => Kind::Fifo,
+            libc::S_IFSOCK => Kind::Socket,
+            libc::S_IFCHR => Kind::CharDev,
+            libc::S_IFBLK => Kind::BlockDev,
+            _ => Kind::Unknown,
+        }
+    }
+
+    pub(crate) fn describe(self) -> &'static str {
+        match self {
+            Kind::Dir => "directory",
+            Kind::File => "regular file",
+            Kind::Symlink => "symbolic link",
+            Kind::Fifo => "FIFO",
+            Kind::Socket => "socket",
+            Kind::CharDev => "character device",
+            Kind::BlockDev => "block device",
+            Kind::Unknown => "file of unknown type",
+        }
+    }
+}
+
+/// The subset of `statx` the module needs.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Meta {
+    pub kind: Kind,
+    /// Permission bits including setuid/setgid/sticky (`mode & 0o7777`).
+    pub perm: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub nlink: u32,
+    /// `None` where the kernel does not report mount ids (before 5.8, some sandboxes).
+    pub mnt_id: Option<u64>,
+}
+
+impl Meta {
+    /// Same inode on the same device (and, when both are known, the same mount).
+    pub(crate) fn same_object(&self, other: &Meta) -> bool {
+        self.dev == other.dev
+            && self.ino == other.ino
+            && match (self.mnt_id, other.mnt_id) {
+                (Some(a), Some(b)) => a == b,
+                _ => true,
+            }
+    }
+
+    /// Whether `other` lives on a different mount than `self` (a directory we hold).
+    pub(crate) fn other_mount(&self, other: &Meta) -> bool {
+        if self.dev != other.dev {
+            return true;
+        }
+        match (self.mnt_id, other.mnt_id) {
+            (Some(a), Some(b)) => a != b,
+            _ => false,
+        }
+    }
+}
+
+fn statx_raw(dirfd: BorrowedFd<'_>, name: &CStr, flags: libc::c_int) -> Result<Meta, Errno> {
+    let mut buf = std::mem::MaybeUninit::<libc::statx>::zeroed();
+    let mask = libc::STATX_TYPE
+        | libc::STATX_MODE
+        | libc::STATX_UID
+        | libc::STATX_GID
+        | libc::STATX_INO
+        | libc::STATX_SIZE
+        | libc::STATX_NLINK
+        | libc::STATX_MNT_ID;
+    // SAFETY: valid dirfd, NUL-terminated name and a zeroed out-buffer of the right type.
+    let rc = unsafe {
+        libc::statx(
+            dirfd.as_raw_fd(),
+            name.as_ptr(),
+            flags,
+            mask,
+            buf.as_mut_ptr(),
+        )
+    };
+    Errno::result(rc)?;
+    // SAFETY: statx succeeded, so the kernel filled the buffer (it was zeroed before).
+    let st = unsafe { buf.assume_init() };
+    let mode = u32::from(st.stx_mode);
+    let mnt_id = if st.stx_mask & libc::STATX_MNT_ID != 0 {
+        Some(st.stx_mnt_id)
+    } else {
+        None
+    };
+    Ok(Meta {
+        kind: Kind::from_mode(mode),
+        perm: mode & 0o7777,
+        uid: st.stx_uid,
+        gid: st.stx_gid,
+        dev: libc::makedev(st.stx_dev_major, st.stx_dev_minor),
+        ino: st.stx_ino,
+        size: st.stx_size,
+        nlink: st.stx_nlink,
+        mnt_id,
+    })
+}
+
+/// `statx(dirfd, name, AT_SYMLINK_NOFOLLOW)`: describes the entry itself, never a link target.
+pub(crate) fn stat_at(dirfd: BorrowedFd<'_>, name: &CStr) -> Result<Meta, Errno> {
+    statx_raw(
+        dirfd,
+        name,
+        libc::AT_SYMLINK_NOFOLLOW | libc::AT_NO_AUTOMOUNT | libc::AT_STATX_SYNC_AS_STAT,
+    )
+}
+
+/// `statx` of an open fd. Falls back to `/proc/self/fdinfo` for the mount id.
+pub(crate) fn stat_fd(fd: BorrowedFd<'_>) -> Result<Meta, Errno> {
+    let mut meta = statx_raw(
+        fd,
+        c"",
+        libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW | libc::AT_STATX_SYNC_AS_STAT,
+    )?;
+    if meta.mnt_id.is_none() {
+        meta.mnt_id = fdinfo_mnt_id(fd);
+    }
+    Ok(meta)
+}
+
+fn fdinfo_mnt_id(fd: BorrowedFd<'_>) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("mnt_id:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+// 0 = not probed, 1 = openat2 works, 2 = kernel lacks it (gVisor, < 5.6).
+static OPENAT2: AtomicU8 = AtomicU8::new(0);
+
+/// Whether `openat2` is usable on this kernel (probed once).
+pub(crate) fn openat2_available() -> bool {
+    match OPENAT2.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            let how = fcntl::OpenHow::new()
+                .flags(OFlag::O_PATH | OFlag::O_CLOEXEC | OFlag::O_DIRECTORY)
+                .resolve(fcntl::ResolveFlag::RESOLVE_BENEATH);
+            let ok = !matches!(
+                fcntl::openat2(fcntl::AT_FDCWD, c".", how),
+                Err(Errno::ENOSYS | Errno::EINVAL | Errno::E2BIG | Errno::EPERM)
+            );
+            OPENAT2.store(if ok { 1 } else { 2 }, Ordering::Relaxed);
+            ok
+        }
+    }
+}
+
+/// How to resolve a name below a directory.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Resolve {
+    /// Use `openat2` (when the kernel has it); `false` forces the checked fallback.
+    pub openat2: bool,
+}
+
+impl Resolve {
+    pub(crate) fn detect() -> Resolve {
+        Resolve {
+            openat2: openat2_available(),
+        }
+    }
+}
+
+/// Opens the directory `path` (one name, or a relative path without `..`) below `dirfd`
+/// without following any symlink and without crossing a mount. With `openat2` the kernel
+/// enforces it (`RESOLVE_BENEATH|RESOLVE_NO_XDEV|RESOLVE_NO_SYMLINKS|RESOLVE_NO_MAGICLINKS`);
+/// the fallback walks one component at a time with `O_NOFOLLOW` and compares the mount of
+/// each opened directory with its parent's. Errors: `ELOOP` (a symlink), `ENOTDIR`, `EXDEV`
+/// (a mount point), `ENOENT`, `EACCES`.
+pub(crate) fn open_dir_beneath(
+    dirfd: BorrowedFd<'_>,
+    path: &CStr,
+    resolve: Resolve,
+) -> Result<OwnedFd, Errno> {
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    if resolve.openat2 && openat2_available() {
+        let how = fcntl::OpenHow::new().flags(flags).resolve(
+            fcntl::ResolveFlag::RESOLVE_BENEATH
+                | fcntl::ResolveFlag::RESOLVE_NO_XDEV
+                | fcntl::ResolveFlag::RESOLVE_NO_SYMLINKS
+                | fcntl::ResolveFlag::RESOLVE_NO_MAGICLINKS,
+        );
+        // EAGAIN: a concurrent rename or mount raced the resolution; retry a few times.
+        let mut last = Errno::EAGAIN;
+        for _ in 0..8 {
+            match fcntl::openat2(dirfd, path, how) {
+                Err(Errno::EAGAIN) | Err(Errno::EINTR) => continue,
+                Err(e) => {
+                    last = e;
+                    break;
+                }
+                Ok(fd) => return Ok(fd),
+            }
+        }
+        return Err(last);
+    }
+    let parent_meta = stat_fd(dirfd)?;
+    let bytes = path.to_bytes();
+    if bytes.is_empty() || bytes.starts_with(b"/") {
+        return Err(Errno::EXDEV);
+    }
+    let mut current: Option<OwnedFd> = None;
+    let mut current_meta = parent_meta;
+    for comp in bytes
+        .split(|b| *b == b'/')
+        .filter(|c| !c.is_empty() && *c != b".")
+    {
+        if comp == b".." {
+            return Err(Errno::EXDEV);
+        }
+        let name = CString::new(comp).map_err(|_| Errno::EINVAL)?;
+        let base = match &current {
+            Some(fd) => fd.as_fd(),
+            None => dirfd,
+        };
+        let fd = fcntl::openat(base, name.as_c_str(), flags, Mode::empty())?;
+        let meta = stat_fd(fd.as_fd())?;
+        if current_meta.other_mount(&meta) {
+            return Err(Errno::EXDEV);
+        }
+        current_meta = meta;
+        current = Some(fd);
+    }
+    match current {
+        Some(fd) => Ok(fd),
+        None => Err(Errno::EINVAL),
+    }
+}
+
+/// Opens `name` below `dirfd` as an `O_PATH` handle without following it: no read of the
+/// object happens, so a FIFO or device is never opened.
+pub(crate) fn open_path_nofollow(dirfd: BorrowedFd<'_>, name: &CStr) -> Result<OwnedFd, Errno> {
+    fcntl::openat(
+        dirfd,
+        name,
+        OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+}
+
+/// Reopens the exact inode behind an `O_PATH` fd with real access flags through
+/// `/proc/self/fd`. The caller has checked the type on the `O_PATH` fd, so this can never
+/// open a FIFO or device that was swapped in under the name.
+pub(crate) fn reopen(opath: BorrowedFd<'_>, flags: OFlag) -> Result<OwnedFd, Errno> {
+    let path = format!("/proc/self/fd/{}", opath.as_raw_fd());
+    fcntl::open(
+        path.as_str(),
+        flags | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK | OFlag::O_NOCTTY,
+        Mode::empty(),
+    )
+}
+
+/// Changes the mode of the inode behind an `O_PATH` fd (`fchmod` refuses `O_PATH` fds).
+pub(crate) fn chmod_opath(opath: BorrowedFd<'_>, mode: u32) -> Result<(), Errno> {
+    let path = format!("/proc/self/fd/{}", opath.as_raw_fd());
+    nix::sys::stat::fchmodat(
+        fcntl::AT_FDCWD,
+        path.as_str(),
+        Mode::from_bits_truncate(mode),
+        nix::sys::stat::FchmodatFlags::FollowSymlink,
+    )
+}
+
+pub(crate) const FS_IMMUTABLE_FL: libc::c_int = 0x0000_0010;
+pub(crate) const FS_APPEND_FL: libc::c_int = 0x0000_0020;
+
+/// `FS_IOC_GETFLAGS` (chattr flags). `ENOTTY`/`EOPNOTSUPP` where the fs has none.
+pub(crate) fn get_inode_flags(fd: BorrowedFd<'_>) -> Result<libc::c_int, Errno> {
+    let mut flags: libc::c_int = 0;
+    // SAFETY: the ioctl writes one int (the kernel's actual size for this request) into `flags`.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags) };
+    Errno::result(rc)?;
+    Ok(flags)
+}
+
+/// `FS_IOC_SETFLAGS`; needs `CAP_LINUX_IMMUTABLE` to change the immutable/append bits.
+pub(crate) fn set_inode_flags(fd: BorrowedFd<'_>, flags: libc::c_int) -> Result<(), Errno> {
+    // SAFETY: the ioctl reads one int from `flags`.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FS_IOC_SETFLAGS, &flags) };
+    Errno::result(rc).map(drop)
+}
+
+/// Whether the effective capability set holds `cap` (read from `/proc/self/status`, which
+/// every Linux and gVisor provides; unreadable means "no").
+pub(crate) fn has_effective_cap(cap: u32) -> bool {
+    let Ok(text) = std::fs::read_to_string("/proc/self/status") else {
+        return false;
+    };
+    text.lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .is_some_and(|bits| bits & (1u64 << cap) != 0)
+}
+
+pub(crate) const CAP_LINUX_IMMUTABLE: u32 = 9;
+
+/// Writes `name` in `dirfd` durably: a fresh temp file (0600), `fsync`, `rename` over the
+/// name, `fsync` of the directory. A crash leaves either the old or the new content.
+pub(crate) fn write_durable(dirfd: BorrowedFd<'_>, name: &str, bytes: &[u8]) -> Result<(), Errno> {
+    use std::io::Write;
+    let tmp = format!(".{name}.tmp-{:016x}", rand::random::<u64>());
+    let fd = fcntl::openat(
+        dirfd,
+        tmp.as_str(),
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o600),
+    )?;
+    let result = (|| {
+        // The umask may have removed bits but never adds any; make the mode exact anyway.
+        nix::sys::stat::fchmod(&fd, Mode::from_bits_truncate(0o600))?;
+        let mut file = std::fs::File::from(fd);
+        file.write_all(bytes).map_err(io_errno)?;
+        file.sync_all().map_err(io_errno)?;
+        drop(file);
+        fcntl::renameat(dirfd, tmp.as_str(), dirfd, name)?;
+        nix::unistd::fsync(dirfd)
+    })();
+    if result.is_err() {
+        let _ = nix::unistd::unlinkat(dirfd, tmp.as_str(), nix::unistd::UnlinkatFlags::NoRemoveDir);
+    }
+    result
+}
+
+pub(crate) fn io_errno(e: std::io::Error) -> Errno {
+    e.raw_os_error().map(Errno::from_raw).unwrap_or(Errno::EIO)
+}
+
+/// A name for reports and logs: printable ASCII as is, every other byte as `\xNN`, so a
+/// newline or invalid UTF-8 in a tenant's file name cannot forge log lines.
+pub(crate) fn escape_bytes(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    for &b in bytes {
+        if (0x20..0x7f).contains(&b) && b != b'\\' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    out
+}
+
+/// Duplicates a borrowed fd into an owned one.
+pub(crate) fn dup(fd: BorrowedFd<'_>) -> Result<OwnedFd, Errno> {
+    fd.try_clone_to_owned().map_err(io_errno)
+}
+
+pub(crate) fn euid() -> u32 {
+    nix::unistd::geteuid().as_raw()
+}
+
+pub(crate) fn egid() -> u32 {
+    nix::unistd::getegid().as_raw()
+}
+
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,534 @@
+//! Seed once: build the tree in `.supervisor/staging-<random>/tree`, rename it over the
+//! empty `workspace/`, write `seed.json` last, then remove the (empty) staging dir.
+//!
+//! Crash points: before the rename the workspace is untouched; between the rename and the
+//! record the staging dir still exists, so boot sees an interrupted seed (`Fresh`) and the
+//! next `seed` empties the workspace and the staging dir with the wipe code and starts over;
+//! after the record the seed is skipped (leftover staging dirs are removed).
+
+use super::archive::{self, ArchiveError};
+use super::fsutil;
+use super::layout::WORKSPACE_DIR;
+use super::records::{self, SeedRecord, Tombstone, SEED_FILE, TOMBSTONE_FILE};
+use super::stage::{self, StageError, StageSummary, Stager};
+use super::wipe::{self, WipeOptions};
+use super::{Inner, SeedError, SeedSource};
+use nix::errno::Errno;
+use nix::fcntl::{self, OFlag};
+use nix::sys::stat::Mode;
+use nix::unistd::{unlinkat, UnlinkatFlags};
+use std::ffi::{CStr, CString};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+pub(crate) const STAGING_PREFIX: &str = "staging-";
+const DOWNLOAD_NAME: &CStr = c"download";
+
+struct Staging {
+    name: CString,
+    dir: OwnedFd,
+    tree: OwnedFd,
+}
+
+enum Prepared {
+    Done(SeedRecord),
+    Staging(Staging),
+}
+
+fn io(op: &'static str, path: impl Into<String>, errno: Errno) -> SeedError {
+    SeedError::Io {
+        op,
+        path: path.into(),
+        errno,
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, SeedError> + Send + 'static,
+) -> Result<T, SeedError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| SeedError::Task(e.to_string()))?
+}
+
+pub(crate) async fn seed(
+    inner: Arc<Inner>,
+    source: SeedSource,
+    pod_uid: Option<String>,
+) -> Result<SeedRecord, SeedError> {
+    let started = Instant::now();
+    let prep = {
+        let inner = inner.clone();
+        blocking(move || inner.prepare_seed()).await?
+    };
+    let staging = match prep {
+        Prepared::Done(rec) => {
+            tracing::info!(event = "seed.skipped", digest = %rec.digest, "workspace already seeded");
+            return Ok(rec);
+        }
+        Prepared::Staging(s) => Arc::new(s),
+    };
+    tracing::info!(event = "seed.started", source = %source.describe(), "seeding the workspace");
+    let result = async {
+        let mut source_sha = None;
+        if let SeedSource::Url {
+            url,
+            sha256,
+            ca_file,
+        } = &source
+        {
+            let file = create_download(&staging, &inner)?;
+            source_sha = Some(fetch_download(url, sha256, ca_file.as_deref(), file).await?);
+        }
+        let (inner2, staging2, source2) = (inner.clone(), staging.clone(), source.clone());
+        blocking(move || {
+            inner2.populate_and_commit(&staging2, &source2, source_sha, pod_uid, started)
+        })
+        .await
+    }
+    .await;
+    if let Err(e) = &result {
+        tracing::warn!(event = "seed.failed", error = %e, "seed failed; discarding the staging directory");
+        let (inner, staging) = (inner.clone(), staging.clone());
+        let cleaned = blocking(move || {
+            inner
+                .discard_staging(&staging.name)
+                .map_err(SeedError::Cleanup)
+        })
+        .await;
+        if let Err(c) = cleaned {
+            tracing::error!(event = "seed.cleanup_failed", error = %c, "staging directory left behind; the next boot discards it");
+        }
+    }
+    result
+}
+
+async fn fetch_download(
+    url: &str,
+    sha256: &str,
+    ca_file: Option<&Path>,
+    file: std::fs::File,
+) -> Result<String, SeedError> {
+    super::fetch::download(url, sha256, ca_file, file).await
+}
+
+fn create_download(staging: &Staging, inner: &Inner) -> Result<std::fs::File, SeedError> {
+    let fd = fcntl::openat(
+        staging.dir.as_fd(),
+        DOWNLOAD_NAME,
+        OFlag::O_RDWR | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o600),
+    )
+    .map_err(|e| io("create download file in", &inner.sup_s, e))?;
+    Ok(std::fs::File::from(fd))
+}
+
+fn stage_err(e: StageError) -> SeedError {
+    match e {
+        StageError::Entry { entry, problem } => SeedError::Entry { entry, problem },
+        StageError::Io { entry, op, errno } => SeedError::Entry {
+            entry,
+            problem: format!("could not be staged: {op} failed: {errno}"),
+        },
+    }
+}
+
+impl Inner {
+    fn prepare_seed(&self) -> Result<Prepared, SeedError> {
+        let sup = self.sup_fd.as_fd();
+        if let Some(rec) =
+            records::read_record::<SeedRecord>(sup, SEED_FILE, "seed", &self.own, &self.sup_s)?
+        {
+            for name in self.staging_names().unwrap_or_default() {
+                if let Err(e) = self.discard_staging(&name) {
+                    tracing::warn!(event = "seed.cleanup_failed", error = %e, "leftover staging directory not removed");
+                }
+            }
+            return Ok(Prepared::Done(rec));
+        }
+        if let Some(t) = records::read_record::<Tombstone>(
+            sup,
+            TOMBSTONE_FILE,
+            "tombstone",
+            &self.own,
+            &self.sup_s,
+        )? {
+            return Err(SeedError::Refused(super::Refusal::new(
+                super::RefusalReason::Tombstone,
+                format!(
+                    "{}/{TOMBSTONE_FILE} exists (phase {}); a released pod is never seeded again",
+                    self.sup_s,
+                    t.phase.as_str()
+                ),
+            )));
+        }
+        let leftovers = self
+            .staging_names()
+            .map_err(|e| io("list", &self.sup_s, e))?;
+        let ws_path = format!("{}/{WORKSPACE_DIR}", self.root_s);
+        if !self.workspace_empty()? {
+            if leftovers.is_empty() {
+                return Err(SeedError::NotEmpty { path: ws_path });
+            }
+            // Crashed between the rename and the record: the content is a seed, not a tenant's.
+            let report =
+                wipe::wipe_contents(self.open_workspace()?, &ws_path, WipeOptions::detect())
+                    .map_err(|e| SeedError::Cleanup(e.to_string()))?;
+            if !report.fully_wiped {
+                return Err(SeedError::Cleanup(format!(
+                    "{ws_path} could not be emptied after an interrupted seed: {:?}",
+                    report.skipped
+                )));
+            }
+            tracing::info!(
+                event = "seed.interrupted_discarded",
+                files = report.files_removed,
+                "removed the content of an interrupted seed"
+            );
+        }
+        for name in leftovers {
+            self.discard_staging(&name).map_err(SeedError::Cleanup)?;
+        }
+        let name = CString::new(format!("{STAGING_PREFIX}{:016x}", rand::random::<u64>()))
+            .expect("no NUL");
+        let staging_path = format!("{}/{}", self.sup_s, name.to_string_lossy());
+        let dir =
+            stage::mkdir_open(sup, &name, 0o700).map_err(|e| io("create", &staging_path, e))?;
+        let tree = stage::mkdir_open(dir.as_fd(), c"tree", 0o700)
+            .map_err(|e| io("create", format!("{staging_path}/tree"), e))?;
+        Ok(Prepared::Staging(Staging { name, dir, tree }))
+    }
+
+    /// Removes a staging directory with the wipe code (never `remove_dir_all`).
+    pub(crate) fn discard_staging(&self, name: &CStr) -> Result<(), String> {
+        let path = format!("{}/{}", self.sup_s, fsutil::escape_bytes(name.to_bytes()));
+        let fd = fsutil::open_dir_beneath(self.sup_fd.as_fd(), name, fsutil::Resolve::detect())
+            .map_err(|e| format!("cannot open {path}: {e}"))?;
+        let report =
+            wipe::wipe_contents(fd, &path, WipeOptions::detect()).map_err(|e| e.to_string())?;
+        if !report.fully_wiped {
+            return Err(format!("{path} could not be emptied: {:?}", report.skipped));
+        }
+        unlinkat(self.sup_fd.as_fd(), name, UnlinkatFlags::RemoveDir)
+            .map_err(|e| format!("cannot remove {path}: {e}"))?;
+        let _ = nix::unistd::fsync(self.sup_fd.as_fd());
+        Ok(())
+    }
+
+    fn populate_and_commit(
+        &self,
+        staging: &Staging,
+        source: &SeedSource,
+        download_sha: Option<String>,
+        pod_uid: Option<String>,
+        started: Instant,
+    ) -> Result<SeedRecord, SeedError> {
+        let chown = self.privileged.then_some((self.owner.uid, self.owner.gid));
+        let tree = fsutil::dup(staging.tree.as_fd()).map_err(|e| io("dup", &self.sup_s, e))?;
+        let mut stager = Stager::new(tree, chown);
+        let desc = source.describe();
+        let mut source_sha = download_sha;
+        match source {
+            SeedSource::None => {}
+            SeedSource::Directory(dir) => copy_directory(dir, &mut stager)?,
+            SeedSource::Archive(path) => {
+                let file = std::fs::File::open(path).map_err(|e| SeedError::Source {
+                    source_desc: desc.clone(),
+                    problem: format!("cannot be opened: {e}"),
+                })?;
+                source_sha = Some(extract(file, &mut stager, &desc)?);
+            }
+            SeedSource::Url { .. } => {
+                let fd = fcntl::openat(
+                    staging.dir.as_fd(),
+                    DOWNLOAD_NAME,
+                    OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(|e| io("open download in", &self.sup_s, e))?;
+                extract(std::fs::File::from(fd), &mut stager, &desc)?;
+                unlinkat(
+                    staging.dir.as_fd(),
+                    DOWNLOAD_NAME,
+                    UnlinkatFlags::NoRemoveDir,
+                )
+                .map_err(|e| io("remove download in", &self.sup_s, e))?;
+            }
+        }
+        let summary: StageSummary = stager.finish().map_err(stage_err)?;
+        self.commit(staging, summary, desc, source_sha, pod_uid, started)
+    }
+
+    fn commit(
+        &self,
+        staging: &Staging,
+        summary: StageSummary,
+        source: String,
+        source_sha256: Option<String>,
+        pod_uid: Option<String>,
+        started: Instant,
+    ) -> Result<SeedRecord, SeedError> {
+        let ws_path = format!("{}/{WORKSPACE_DIR}", self.root_s);
+        // Nothing may have appeared meanwhile (renaming over a non-empty dir fails anyway).
+        if !self.workspace_empty()? {
+            return Err(SeedError::NotEmpty { path: ws_path });
+        }
+        fcntl::renameat(
+            staging.dir.as_fd(),
+            c"tree",
+            self.root_fd.as_fd(),
+            c"workspace",
+        )
+        .map_err(|e| io("rename staging tree onto", &ws_path, e))?;
+        nix::unistd::fsync(self.root_fd.as_fd()).map_err(|e| io("fsync", &self.root_s, e))?;
+        let record = SeedRecord {
+            digest: summary.digest,
+            files: summary.files,
+            dirs: summary.dirs,
+            symlinks: summary.symlinks,
+            bytes: summary.bytes,
+            duration_ms: started.elapsed().as_millis() as u64,
+            source,
+            source_sha256,
+            method: if summary.bytes == 0 {
+                "none".to_owned()
+            } else if summary.reflinked {
+                "reflink".to_owned()
+            } else {
+                "copy".to_owned()
+            },
+            supervisor_version: env!("CARGO_PKG_VERSION").to_owned(),
+            pod_uid,
+            completed_at_ms: fsutil::now_ms(),
+        };
+        records::write_record(self.sup_fd.as_fd(), SEED_FILE, "seed", &record)
+            .map_err(|e| io("write", format!("{}/{SEED_FILE}", self.sup_s), e))?;
+        if let Err(e) = unlinkat(
+            self.sup_fd.as_fd(),
+            staging.name.as_c_str(),
+            UnlinkatFlags::RemoveDir,
+        ) {
+            tracing::warn!(event = "seed.cleanup_failed", error = %e, "empty staging directory not removed; the next seed call removes it");
+        }
+        let _ = nix::unistd::fsync(self.sup_fd.as_fd());
+        tracing::info!(
+            event = "seed.completed",
+            files = record.files,
+            dirs = record.dirs,
+            bytes = record.bytes,
+            duration_ms = record.duration_ms,
+            digest = %record.digest,
+            method = %record.method,
+            "workspace seeded"
+        );
+        Ok(record)
+    }
+}
+
+fn extract(file: std::fs::File, stager: &mut Stager, desc: &str) -> Result<String, SeedError> {
+    archive::extract(file, stager).map_err(|e| match e {
+        ArchiveError::Format(problem) => SeedError::Archive {
+            source_desc: desc.to_owned(),
+            problem,
+        },
+        ArchiveError::Stage(s) => stage_err(s),
+    })
+}
+
+struct FileJob {
+    src: PathBuf,
+    rel: Vec<u8>,
+    mode: u32,
+    mtime: (i64, i64),
+}
+
+/// Copies a directory tree (baked into the image, so trusted to hold no tricks, but still
+/// checked: only files, directories and symlinks). Directories and links are created in
+/// one pass; file contents are copied and hashed on several threads; hardlinks last.
+fn copy_directory(src_root: &Path, stager: &mut Stager) -> Result<(), SeedError> {
+    let desc = format!("directory:{}", src_root.display());
+    let root_meta = std::fs::metadata(src_root).map_err(|e| SeedError::Source {
+        source_desc: desc.clone(),
+        problem: format!("cannot be read: {e}"),
+    })?;
+    if !root_meta.is_dir() {
+        return Err(SeedError::Source {
+            source_desc: desc,
+            problem: "is not a directory".to_owned(),
+        });
+    }
+    let mut jobs: Vec<FileJob> = Vec::new();
+    let mut links: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+    let mut first_link: std::collections::HashMap<(u64, u64), Vec<u8>> = Default::default();
+    let mut stack: Vec<(PathBuf, Vec<u8>)> = vec![(src_root.to_path_buf(), Vec::new())];
+    let src_err = |path: &Path, e: std::io::Error| SeedError::Source {
+        source_desc: desc.clone(),
+        problem: format!("{}: {e}", path.display()),
+    };
+    while let Some((dir, rel)) = stack.pop() {
+        let mut entries: Vec<_> = std::fs::read_dir(&dir)
+            .map_err(|e| src_err(&dir, e))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| src_err(&dir, e))?;
+        entries.sort_by_key(|e| e.file_name());
+        for entry in entries {
+            let path = entry.path();
+            let meta = std::fs::symlink_metadata(&path).map_err(|e| src_err(&path, e))?;
+            let mut child_rel = rel.clone();
+            if !child_rel.is_empty() {
+                child_rel.push(b'/');
+            }
+            child_rel.extend_from_slice(entry.file_name().as_bytes());
+            let mtime = Some((meta.mtime(), meta.mtime_nsec()));
+            let ft = meta.file_type();
+            if ft.is_dir() {
+                stager
+                    .add_dir(&child_rel, meta.mode(), mtime)
+                    .map_err(stage_err)?;
+                stack.push((path, child_rel));
+            } else if ft.is_symlink() {
+                let target = std::fs::read_link(&path).map_err(|e| src_err(&path, e))?;
+                stager
+                    .add_symlink(&child_rel, target.as_os_str().as_bytes(), mtime)
+                    .map_err(stage_err)?;
+            } else if ft.is_file() {
+                if meta.nlink() > 1 {
+                    if let Some(first) = first_link.get(&(meta.dev(), meta.ino())) {
+                        links.push((child_rel, first.clone()));
+                        continue;
+                    }
+                    first_link.insert((meta.dev(), meta.ino()), child_rel.clone());
+                }
+                stager.reserve_file(&child_rel).map_err(stage_err)?;
+                jobs.push(FileJob {
+                    src: path,
+                    rel: child_rel,
+                    mode: meta.mode(),
+                    mtime: (meta.mtime(), meta.mtime_nsec()),
+                });
+            } else {
+                return Err(SeedError::Entry {
+                    entry: fsutil::escape_bytes(&child_rel),
+                    problem: "is a device node, FIFO or socket; seeds may only hold files, directories and links".to_owned(),
+                });
+            }
+        }
+    }
+    let results = copy_files(stager, &jobs)?;
+    for (job, (hash, size)) in jobs.iter().zip(results) {
+        stager.record_file(&job.rel, job.mode, hash, size);
+    }
+    for (rel, target) in links {
+        stager.add_hardlink(&rel, &target).map_err(stage_err)?;
+    }
+    Ok(())
+}
+
+/// Copies and hashes the files on up to 4 threads. Each thread creates its files with
+/// `O_EXCL|O_NOFOLLOW` by path below the staging tree: every directory on those paths
+/// was created by this seed inside the root-only `.supervisor/`, so nothing can redirect it.
+fn copy_files(stager: &Stager, jobs: &[FileJob]) -> Result<Vec<([u8; 32], u64)>, SeedError> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 4)
+        .min(jobs.len().max(1));
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let tree = stager.tree();
+    let chown = stager.chown();
+    let reflink = &stager.reflink;
+    let mut results: Vec<Option<([u8; 32], u64)>> = vec![None; jobs.len()];
+    let outcome: Result<Vec<Vec<(usize, [u8; 32], u64)>>, SeedError> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| -> Result<Vec<(usize, [u8; 32], u64)>, SeedError> {
+                    let mut buf = vec![0u8; 1 << 20];
+                    let mut done = Vec::new();
+                    loop {
+                        if failed.load(Ordering::Relaxed) {
+                            return Ok(done);
+                        }
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(job) = jobs.get(i) else {
+                            return Ok(done);
+                        };
+                        match copy_one(tree, job, chown, reflink, &mut buf) {
+                            Ok((hash, size)) => done.push((i, hash, size)),
+                            Err(e) => {
+                                failed.store(true, Ordering::Relaxed);
+                                return Err(e);
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(SeedError::Task("a copy thread panicked".to_owned())))
+            })
+            .collect()
+    });
+    for (i, hash, size) in outcome?.into_iter().flatten() {
+        results[i] = Some((hash, size));
+    }
+    results
+        .into_iter()
+        .zip(jobs)
+        .map(|(r, job)| {
+            r.ok_or_else(|| SeedError::Entry {
+                entry: fsutil::escape_bytes(&job.rel),
+                problem: "was not copied".to_owned(),
+            })
+        })
+        .collect()
+}
+
+fn copy_one(
+    tree: std::os::fd::BorrowedFd<'_>,
+    job: &FileJob,
+    chown: Option<(u32, u32)>,
+    reflink: &AtomicBool,
+    buf: &mut [u8],
+) -> Result<([u8; 32], u64), SeedError> {
+    let entry = || fsutil::escape_bytes(&job.rel);
+    let mut src = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&job.src)
+        .map_err(|e| SeedError::Entry {
+            entry: entry(),
+            problem: format!("cannot be read from {}: {e}", job.src.display()),
+        })?;
+    let rel = CString::new(job.rel.clone()).map_err(|_| SeedError::Entry {
+        entry: entry(),
+        problem: "contains a NUL byte".to_owned(),
+    })?;
+    let dst = fcntl::openat(
+        tree,
+        rel.as_c_str(),
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o600),
+    )
+    .map_err(|e| SeedError::Entry {
+        entry: entry(),
+        problem: format!("cannot be created in staging: {e}"),
+    })?;
+    let (hash, size) =
+        stage::copy_content(&mut src, &dst, reflink, buf).map_err(|e| SeedError::Entry {
+            entry: entry(),
+            problem: format!("copy failed: {e}"),
+        })?;
+    stage::finish_file(&dst, job.mode, Some(job.mtime), chown).map_err(|e| SeedError::Entry {
+        entry: entry(),
+        problem: format!("cannot set owner/mode/time: {e}"),
+    })?;
+    Ok((hash, size))
+}

@@ -1,0 +1,1 @@
+//! Module-level adversarial tests.
