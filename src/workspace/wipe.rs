@@ -9,7 +9,8 @@
 //!   missing) and the opened fd must be the inode `statx` saw: a directory swapped for a
 //!   symlink fails with `ELOOP`/`ENOTDIR`, is re-examined and the link itself is unlinked.
 //! - Nothing but directories is ever opened: files, links, FIFOs, sockets and devices are
-//!   unlinked by name.
+//!   unlinked by name. A FIFO or device swapped in under a directory's name is not opened
+//!   either: the kernel checks `O_DIRECTORY` before it opens anything (`ENOTDIR`).
 //! - Mount points (mount id or device differs from the parent's) are skipped and reported,
 //!   and so are file bind mounts (`unlinkat` says `EBUSY`).
 //! - Iterative with an explicit stack; at most `max_open_dirs` directory fds are open.
