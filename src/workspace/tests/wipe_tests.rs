@@ -1,6 +1,7 @@
+use super::super::flags::{immutable_action, FlagAction};
 use super::super::fsutil::{self, Resolve};
 use super::super::layout;
-use super::super::wipe::{immutable_action, wipe_contents, FlagAction, WipeOptions, WipeReport};
+use super::super::wipe::{wipe_contents, WipeOptions, WipeReport};
 use super::*;
 use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
