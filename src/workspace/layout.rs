@@ -352,8 +352,7 @@ pub(crate) fn open_workspace(
 ) -> Result<OwnedFd, WorkspaceError> {
     let path = format!("{root_s}/{WORKSPACE_DIR}");
     let fd = fsutil::open_dir_beneath(root, c"workspace", Resolve::detect()).map_err(|e| match e {
-        Errno::ELOOP => layout(&path, "is a symbolic link"),
-        Errno::ENOTDIR => layout(&path, "is not a directory"),
+        Errno::ELOOP | Errno::ENOTDIR => layout(&path, not_a_dir(root, c"workspace")),
         Errno::EXDEV => layout(&path, "is a separate mount; it must live on the same volume as .supervisor/ so records travel with the data and the seed can rename into place"),
         e => io("open", &path, e),
     })?;
@@ -365,6 +364,14 @@ pub(crate) fn open_workspace(
         ));
     }
     Ok(fd)
+}
+
+/// What an entry that should be a directory is instead (for the error message).
+fn not_a_dir(parent: BorrowedFd<'_>, name: &std::ffi::CStr) -> String {
+    match fsutil::stat_at(parent, name) {
+        Ok(m) => format!("is a {}, not a directory", m.kind.describe()),
+        Err(e) => format!("is not a directory ({e})"),
+    }
 }
 
 /// Whether a directory fd has no entries.

@@ -13,6 +13,7 @@
 mod archive;
 mod boot;
 mod fetch;
+mod flags;
 mod fsutil;
 mod layout;
 mod records;

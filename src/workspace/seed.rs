@@ -340,6 +340,9 @@ fn extract(file: std::fs::File, stager: &mut Stager, desc: &str) -> Result<Strin
     })
 }
 
+/// One copied file: job index, content hash, size.
+type Copied = (usize, [u8; 32], u64);
+
 struct FileJob {
     src: PathBuf,
     rel: Vec<u8>,
@@ -443,10 +446,10 @@ fn copy_files(stager: &Stager, jobs: &[FileJob]) -> Result<Vec<([u8; 32], u64)>,
     let chown = stager.chown();
     let reflink = &stager.reflink;
     let mut results: Vec<Option<([u8; 32], u64)>> = vec![None; jobs.len()];
-    let outcome: Result<Vec<Vec<(usize, [u8; 32], u64)>>, SeedError> = std::thread::scope(|s| {
+    let outcome: Result<Vec<Vec<Copied>>, SeedError> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|_| {
-                s.spawn(|| -> Result<Vec<(usize, [u8; 32], u64)>, SeedError> {
+                s.spawn(|| -> Result<Vec<Copied>, SeedError> {
                     let mut buf = vec![0u8; 1 << 20];
                     let mut done = Vec::new();
                     loop {

@@ -207,6 +207,9 @@ pub(crate) fn finish_file(
     Ok(())
 }
 
+/// A directory to finish: path, mode, mtime.
+type DirMeta = (Vec<u8>, u32, Option<(i64, i64)>);
+
 struct DigestEntry {
     path: Vec<u8>,
     kind: u8,
@@ -221,7 +224,7 @@ pub(crate) struct Stager {
     chown: Option<(u32, u32)>,
     seen: HashMap<Vec<u8>, Seen>,
     file_hashes: HashMap<Vec<u8>, (u32, [u8; 32])>,
-    dir_meta: Vec<(Vec<u8>, u32, Option<(i64, i64)>)>,
+    dir_meta: Vec<DirMeta>,
     dir_index: HashMap<Vec<u8>, usize>,
     digest: Vec<DigestEntry>,
     parent_cache: Option<(Vec<u8>, OwnedFd)>,

@@ -9,13 +9,15 @@
 //!   missing) and the opened fd must be the inode `statx` saw: a directory swapped for a
 //!   symlink fails with `ELOOP`/`ENOTDIR`, is re-examined and the link itself is unlinked.
 //! - Nothing but directories is ever opened: files, links, FIFOs, sockets and devices are
-//!   unlinked by name.
+//!   unlinked by name. A FIFO or device swapped in under a directory's name is not opened
+//!   either: the kernel checks `O_DIRECTORY` before it opens anything (`ENOTDIR`).
 //! - Mount points (mount id or device differs from the parent's) are skipped and reported,
 //!   and so are file bind mounts (`unlinkat` says `EBUSY`).
 //! - Iterative with an explicit stack; at most `max_open_dirs` directory fds are open.
 //!   Closed ancestors are reopened through the child's `..` and must be the same inode as
 //!   before (else a re-descent by name from the root, checked at each step; else stop).
 
+use super::flags::{immutable_action, FlagAction};
 use super::fsutil::{self, Kind, Meta, Resolve};
 use nix::dir::Dir;
 use nix::errno::Errno;
@@ -72,29 +74,6 @@ impl WipeOptions {
             max_open_dirs: DEFAULT_MAX_OPEN_DIRS,
             can_clear_immutable: fsutil::has_effective_cap(fsutil::CAP_LINUX_IMMUTABLE),
         }
-    }
-}
-
-/// What to do about an entry whose removal failed with `EPERM`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum FlagAction {
-    /// Neither immutable nor append-only: `EPERM` has another cause.
-    NotFlagged,
-    /// Clear the flags (we hold `CAP_LINUX_IMMUTABLE`) and retry; carries the new flags.
-    Clear(libc::c_int),
-    /// Flagged and we may not clear it: leave it, report it, the wipe is not complete.
-    FailClosed,
-}
-
-/// The decision, separate from the syscalls so the no-capability path is testable as root.
-pub(crate) fn immutable_action(flags: libc::c_int, can_clear: bool) -> FlagAction {
-    let sticky = flags & (fsutil::FS_IMMUTABLE_FL | fsutil::FS_APPEND_FL);
-    if sticky == 0 {
-        FlagAction::NotFlagged
-    } else if can_clear {
-        FlagAction::Clear(flags & !sticky)
-    } else {
-        FlagAction::FailClosed
     }
 }
 

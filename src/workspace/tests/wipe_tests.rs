@@ -1,0 +1,536 @@
+use super::super::flags::{immutable_action, FlagAction};
+use super::super::fsutil::{self, Resolve};
+use super::super::layout;
+use super::super::wipe::{wipe_contents, WipeOptions, WipeReport};
+use super::*;
+use nix::fcntl::OFlag;
+use nix::sys::stat::Mode;
+use std::ffi::OsStr;
+use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::symlink;
+use std::time::{Duration, Instant};
+
+fn opts(openat2: bool, max_open_dirs: usize) -> WipeOptions {
+    WipeOptions {
+        resolve: Resolve { openat2 },
+        max_open_dirs,
+        can_clear_immutable: true,
+    }
+}
+
+fn wipe_with(fx: &Fixture, o: WipeOptions) -> WipeReport {
+    let inner = &fx.vol.inner;
+    let fd =
+        layout::open_workspace(inner.root_fd.as_fd(), &inner.root_meta, &inner.root_s).unwrap();
+    wipe_contents(fd, "workspace", o).unwrap()
+}
+
+/// Both resolution modes: the kernel's `openat2` and the checked fallback (gVisor).
+fn modes() -> Vec<bool> {
+    if fsutil::openat2_available() {
+        vec![true, false]
+    } else {
+        eprintln!("note: openat2 unavailable; testing the fallback only");
+        vec![false]
+    }
+}
+
+fn plant_symlinks(fx: &Fixture) {
+    let ws = fx.ws();
+    symlink("/", ws.join("to-root")).unwrap();
+    symlink(&fx.outside, ws.join("to-outside")).unwrap();
+    symlink(fx.outside.join("data"), ws.join("to-data")).unwrap();
+    symlink(fx.sup().join("marker"), ws.join("to-record")).unwrap();
+    symlink(fx.sup(), ws.join("to-supervisor")).unwrap();
+    symlink(fx.outside.join("token"), ws.join("to-token")).unwrap();
+    symlink("../../outside", ws.join("relative-escape")).unwrap();
+    symlink("..", ws.join("dotdot")).unwrap();
+    std::fs::create_dir_all(ws.join("deep/er")).unwrap();
+    symlink(&fx.outside, ws.join("deep/er/to-outside")).unwrap();
+    symlink("../../../../outside/data", ws.join("deep/er/rel")).unwrap();
+    std::fs::write(ws.join("deep/er/plain"), b"tenant file").unwrap();
+}
+
+#[test]
+fn symlink_traps_are_unlinked_never_followed() {
+    for openat2 in modes() {
+        let fx = fixture();
+        plant_symlinks(&fx);
+        let before = outside_snapshot(&fx);
+        let report = wipe_with(&fx, opts(openat2, 128));
+        assert!(report.fully_wiped, "{report:?}");
+        assert_eq!(report.files_removed, 11, "{report:?}");
+        assert_eq!(report.dirs_removed, 2);
+        assert_outside_unchanged(&fx, &before);
+        assert_ws_empty(&fx);
+    }
+}
+
+#[test]
+fn public_wipe_reports_and_keeps_workspace_dir() {
+    let fx = fixture();
+    std::fs::write(fx.ws().join("a"), vec![1u8; 1000]).unwrap();
+    std::fs::create_dir(fx.ws().join("d")).unwrap();
+    std::fs::write(fx.ws().join("d/b"), vec![1u8; 24]).unwrap();
+    let report = fx.vol.wipe().unwrap();
+    assert_eq!(report.files_removed, 2);
+    assert_eq!(report.dirs_removed, 1);
+    assert_eq!(report.bytes_removed, 1024);
+    assert!(report.fully_wiped);
+    assert_ws_empty(&fx);
+}
+
+#[test]
+fn hardlinks_to_outside_files_leave_the_outside_file_intact() {
+    let fx = fixture();
+    std::fs::hard_link(fx.outside.join("token"), fx.ws().join("hl-token")).unwrap();
+    std::fs::create_dir(fx.ws().join("d")).unwrap();
+    std::fs::hard_link(fx.outside.join("data/file1"), fx.ws().join("d/hl")).unwrap();
+    let before = outside_snapshot(&fx);
+    let report = fx.vol.wipe().unwrap();
+    assert!(report.fully_wiped);
+    assert_outside_unchanged(&fx, &before);
+    assert_eq!(
+        std::fs::metadata(fx.outside.join("token")).unwrap().nlink(),
+        1
+    );
+    assert_ws_empty(&fx);
+}
+
+#[test]
+fn fifos_sockets_devices_are_unlinked_without_opening() {
+    let fx = fixture();
+    let ws = fx.ws();
+    nix::unistd::mkfifo(&ws.join("fifo"), Mode::from_bits_truncate(0o644)).unwrap();
+    // A reader-less FIFO would block any open(); the wipe finishing at all proves none.
+    let _listener = std::os::unix::net::UnixListener::bind(ws.join("sock")).unwrap();
+    if is_root() {
+        nix::sys::stat::mknod(
+            &ws.join("chardev"),
+            nix::sys::stat::SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o600),
+            libc::makedev(1, 3),
+        )
+        .unwrap();
+    }
+    let before = outside_snapshot(&fx);
+    let report = fx.vol.wipe().unwrap();
+    assert!(report.fully_wiped, "{report:?}");
+    assert_eq!(report.files_removed, if is_root() { 3 } else { 2 });
+    assert_outside_unchanged(&fx, &before);
+    assert_ws_empty(&fx);
+}
+
+/// Builds a chain of `depth` directories named `d` (fd-relative: the path outgrows PATH_MAX).
+fn make_deep(fx: &Fixture, depth: usize) {
+    let mut fd = nix::fcntl::open(
+        &fx.ws(),
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+        Mode::empty(),
+    )
+    .unwrap();
+    for i in 0..depth {
+        nix::sys::stat::mkdirat(fd.as_fd(), c"d", Mode::from_bits_truncate(0o755)).unwrap();
+        if i % 1000 == 0 {
+            let f = nix::fcntl::openat(
+                fd.as_fd(),
+                c"f",
+                OFlag::O_CREAT | OFlag::O_WRONLY,
+                Mode::from_bits_truncate(0o644),
+            )
+            .unwrap();
+            drop(f);
+        }
+        fd = nix::fcntl::openat(
+            fd.as_fd(),
+            c"d",
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+            Mode::empty(),
+        )
+        .unwrap();
+    }
+    nix::unistd::symlinkat(fx.outside.as_os_str(), fd.as_fd(), c"escape").unwrap();
+}
+
+#[test]
+fn ten_thousand_deep_tree_with_bounded_fds() {
+    for (openat2, max_open) in [(true, 128), (false, 16)] {
+        if openat2 && !fsutil::openat2_available() {
+            continue;
+        }
+        let fx = fixture();
+        make_deep(&fx, 10_000);
+        let before = outside_snapshot(&fx);
+        let started = Instant::now();
+        let report = wipe_with(&fx, opts(openat2, max_open));
+        eprintln!(
+            "10k-deep wipe (openat2={openat2}, max_open={max_open}): {:?}",
+            started.elapsed()
+        );
+        assert!(
+            report.fully_wiped,
+            "{:?}",
+            &report.skipped[..report.skipped.len().min(3)]
+        );
+        assert_eq!(report.dirs_removed, 10_000);
+        assert_eq!(report.files_removed, 11);
+        assert_outside_unchanged(&fx, &before);
+        assert_ws_empty(&fx);
+    }
+}
+
+// Creating 100k files takes 10-50 s in a debug build on a shared 2-core box (the wipe
+// itself ~5 s); run with `cargo test --lib workspace:: -- --ignored`.
+#[test]
+#[ignore = "slow: creates 100,000 files (> 10 s in debug)"]
+fn hundred_thousand_small_files() {
+    let fx = fixture();
+    let started = Instant::now();
+    for d in 0..10 {
+        let dir = fx.ws().join(format!("dir{d}"));
+        std::fs::create_dir(&dir).unwrap();
+        for i in 0..10_000 {
+            std::fs::write(dir.join(format!("f{i}")), b"x").unwrap();
+        }
+    }
+    eprintln!("created 100k files in {:?}", started.elapsed());
+    let started = Instant::now();
+    let report = fx.vol.wipe().unwrap();
+    eprintln!("wiped 100k files in {:?}", started.elapsed());
+    assert!(report.fully_wiped);
+    assert_eq!(report.files_removed, 100_000);
+    assert_eq!(report.bytes_removed, 100_000);
+    assert_ws_empty(&fx);
+}
+
+#[test]
+fn mode_000_subtrees_and_read_only_dirs() {
+    let fx = fixture();
+    let ws = fx.ws();
+    std::fs::create_dir_all(ws.join("locked/inner/deeper")).unwrap();
+    std::fs::write(ws.join("locked/inner/deeper/f"), b"x").unwrap();
+    std::fs::write(ws.join("locked/inner/g"), b"y").unwrap();
+    std::fs::create_dir_all(ws.join("ro/sub")).unwrap();
+    std::fs::write(ws.join("ro/sub/h"), b"z").unwrap();
+    for (p, mode) in [
+        ("locked/inner/deeper", 0o000),
+        ("locked/inner", 0o000),
+        ("locked", 0o000),
+        ("ro/sub", 0o500),
+        ("ro", 0o555),
+    ] {
+        std::fs::set_permissions(ws.join(p), std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    std::fs::write(ws.join("nomode"), b"q").unwrap();
+    std::fs::set_permissions(ws.join("nomode"), std::fs::Permissions::from_mode(0o000)).unwrap();
+    // The tenant also locked the workspace dir itself.
+    std::fs::set_permissions(&ws, std::fs::Permissions::from_mode(0o000)).unwrap();
+    let report = fx.vol.wipe().unwrap();
+    assert!(report.fully_wiped, "{report:?}");
+    assert_eq!(report.files_removed, 4);
+    assert_eq!(report.dirs_removed, 5);
+    assert_ws_empty(&fx);
+}
+
+#[test]
+fn file_held_open_is_removed() {
+    let fx = fixture();
+    std::fs::write(fx.ws().join("open"), b"still open").unwrap();
+    let held = std::fs::File::open(fx.ws().join("open")).unwrap();
+    let mut writer = std::fs::OpenOptions::new()
+        .append(true)
+        .open(fx.ws().join("open"))
+        .unwrap();
+    let report = fx.vol.wipe().unwrap();
+    assert!(report.fully_wiped);
+    assert_eq!(report.files_removed, 1);
+    std::io::Write::write_all(&mut writer, b"more").unwrap();
+    assert_ws_empty(&fx);
+    drop(held);
+}
+
+#[test]
+fn names_with_any_bytes() {
+    let fx = fixture();
+    let ws = fx.ws();
+    let names: Vec<Vec<u8>> = vec![
+        b"new\nline".to_vec(),
+        b"\xff\xfe invalid utf8 \x80".to_vec(),
+        vec![b'n'; 255],
+        b"-rf".to_vec(),
+        b" ".to_vec(),
+        b"...".to_vec(),
+        b"back\\slash\t".to_vec(),
+    ];
+    for n in &names {
+        std::fs::write(ws.join(OsStr::from_bytes(n)), b"x").unwrap();
+    }
+    let dir = ws.join(OsStr::from_bytes(b"dir\nwith\xffnewline"));
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join(OsStr::from_bytes(&[b'z'; 255])), b"x").unwrap();
+    let before = outside_snapshot(&fx);
+    let report = fx.vol.wipe().unwrap();
+    assert!(report.fully_wiped, "{report:?}");
+    assert_eq!(report.files_removed, names.len() as u64 + 1);
+    assert_outside_unchanged(&fx, &before);
+    assert_ws_empty(&fx);
+    assert_eq!(fsutil::escape_bytes(b"a\nb\xff"), "a\\x0ab\\xff");
+}
+
+#[test]
+fn immutable_decision_without_capability_fails_closed() {
+    let imm = fsutil::FS_IMMUTABLE_FL;
+    let app = fsutil::FS_APPEND_FL;
+    assert_eq!(immutable_action(0x80000, false), FlagAction::NotFlagged);
+    assert_eq!(immutable_action(0x80000, true), FlagAction::NotFlagged);
+    assert_eq!(
+        immutable_action(imm | 0x80000, false),
+        FlagAction::FailClosed
+    );
+    assert_eq!(immutable_action(app, false), FlagAction::FailClosed);
+    assert_eq!(
+        immutable_action(imm | app | 0x80000, true),
+        FlagAction::Clear(0x80000)
+    );
+}
+
+/// Sets chattr flags on a path; `None` if the fs or our capabilities do not allow it.
+fn chattr(path: &Path, flags: libc::c_int) -> Option<()> {
+    let fd = nix::fcntl::open(path, OFlag::O_RDONLY | OFlag::O_NONBLOCK, Mode::empty()).ok()?;
+    let old = fsutil::get_inode_flags(fd.as_fd()).ok()?;
+    fsutil::set_inode_flags(fd.as_fd(), old | flags).ok()
+}
+
+fn unchattr(path: &Path) {
+    if let Ok(fd) = nix::fcntl::open(path, OFlag::O_RDONLY | OFlag::O_NONBLOCK, Mode::empty()) {
+        if let Ok(old) = fsutil::get_inode_flags(fd.as_fd()) {
+            let _ = fsutil::set_inode_flags(
+                fd.as_fd(),
+                old & !(fsutil::FS_IMMUTABLE_FL | fsutil::FS_APPEND_FL),
+            );
+        }
+    }
+}
+
+#[test]
+fn immutable_and_append_only_entries() {
+    let fx = fixture();
+    let ws = fx.ws();
+    std::fs::write(ws.join("imm"), b"x").unwrap();
+    std::fs::write(ws.join("app"), b"y").unwrap();
+    std::fs::create_dir(ws.join("immdir")).unwrap();
+    std::fs::write(ws.join("immdir/child"), b"z").unwrap();
+    if chattr(&ws.join("imm"), fsutil::FS_IMMUTABLE_FL).is_none() {
+        eprintln!(
+            "skipped: cannot set the immutable flag here (file system or CAP_LINUX_IMMUTABLE)"
+        );
+        return;
+    }
+    chattr(&ws.join("app"), fsutil::FS_APPEND_FL).unwrap();
+    chattr(&ws.join("immdir"), fsutil::FS_IMMUTABLE_FL).unwrap();
+
+    // Without the capability: fail closed, report, leave them.
+    let mut no_cap = opts(fsutil::openat2_available(), 128);
+    no_cap.can_clear_immutable = false;
+    let report = wipe_with(&fx, no_cap);
+    assert!(!report.fully_wiped);
+    let skipped: Vec<&str> = report.skipped.iter().map(|(p, _)| p.as_str()).collect();
+    for p in ["imm", "app", "immdir"] {
+        assert!(
+            skipped.contains(&p),
+            "{p} not reported: {:?}",
+            report.skipped
+        );
+    }
+    assert!(
+        report
+            .skipped
+            .iter()
+            .all(|(_, why)| why.contains("CAP_LINUX_IMMUTABLE")),
+        "{:?}",
+        report.skipped
+    );
+    assert!(ws.join("imm").exists() && ws.join("app").exists() && ws.join("immdir/child").exists());
+
+    // With it (we are root here): cleared and removed.
+    let report = wipe_with(&fx, opts(fsutil::openat2_available(), 128));
+    if !report.fully_wiped {
+        for p in ["imm", "app", "immdir"] {
+            unchattr(&ws.join(p));
+        }
+        panic!("wipe with CAP_LINUX_IMMUTABLE left entries: {report:?}");
+    }
+    assert_ws_empty(&fx);
+}
+
+#[test]
+fn racing_directory_symlink_swap_never_escapes() {
+    for openat2 in modes() {
+        let fx = fixture();
+        let before = outside_snapshot(&fx);
+        let ws = fx.ws();
+        let outside = fx.outside.clone();
+        // At least 1.5 s and 50 swaps (a loaded CI box is slow), at most 10 s.
+        let deadline = Instant::now() + Duration::from_millis(1500);
+        let hard_deadline = Instant::now() + Duration::from_secs(10);
+        // Same file system as the workspace, outside the snapshotted tree.
+        let build = tempfile::tempdir_in(fx.tmp.path().parent().unwrap()).unwrap();
+        let racer = {
+            let ws = ws.clone();
+            std::thread::spawn(move || {
+                let mut swaps = 0u64;
+                while (Instant::now() < deadline || swaps < 50) && Instant::now() < hard_deadline {
+                    for name in ["d", "e"] {
+                        let d = ws.join(name);
+                        // Built beside the workspace and renamed in whole, so the wipe
+                        // (which never sleeps) cannot starve the racer of directories.
+                        let staged = build.path().join(name);
+                        let _ = std::fs::create_dir_all(staged.join("sub"));
+                        for i in 0..100 {
+                            let _ = std::fs::write(staged.join(format!("f{i}")), b"tenant");
+                            let _ =
+                                std::fs::write(staged.join("sub").join(format!("g{i}")), b"tenant");
+                        }
+                        // Only this thread makes symlinks and it removes them before reuse.
+                        if std::fs::symlink_metadata(&d).is_ok_and(|m| m.file_type().is_symlink()) {
+                            let _ = std::fs::remove_file(&d);
+                        }
+                        let _ = std::fs::rename(&staged, &d);
+                    }
+                    // Swap as fast as possible while the wipe is busy inside.
+                    for _ in 0..200 {
+                        let mut any = false;
+                        for name in ["d", "e"] {
+                            let d = ws.join(name);
+                            let real = ws.join(format!("{name}.real"));
+                            if std::fs::rename(&d, &real).is_ok() {
+                                let _ = symlink(&outside, &d);
+                                std::thread::yield_now();
+                                let _ = std::fs::remove_file(&d);
+                                let _ = std::fs::rename(&real, &d);
+                                swaps += 1;
+                                any = true;
+                            }
+                            let sub = d.join("sub");
+                            let sub_real = d.join("sub.real");
+                            if std::fs::symlink_metadata(&d).is_ok_and(|m| m.is_dir())
+                                && std::fs::rename(&sub, &sub_real).is_ok()
+                            {
+                                let _ = symlink(outside.join("data"), &sub);
+                                std::thread::yield_now();
+                                let _ = std::fs::remove_file(&sub);
+                                let _ = std::fs::rename(&sub_real, &sub);
+                                swaps += 1;
+                                any = true;
+                            }
+                        }
+                        if !any {
+                            break;
+                        }
+                    }
+                }
+                swaps
+            })
+        };
+        let mut wipes = 0;
+        while !racer.is_finished() {
+            let _ = wipe_with(&fx, opts(openat2, 4));
+            wipes += 1;
+        }
+        let swaps = racer.join().unwrap();
+        eprintln!("race (openat2={openat2}): {wipes} wipes against {swaps} swaps");
+        assert!(wipes > 1);
+        assert!(swaps >= 20, "the racer must actually race ({swaps} swaps)");
+        assert_outside_unchanged(&fx, &before);
+        let report = wipe_with(&fx, opts(openat2, 128));
+        assert!(report.fully_wiped, "{report:?}");
+        assert_ws_empty(&fx);
+    }
+}
+
+/// Runs `f` on a thread with its own mount namespace (so test mounts vanish with it).
+fn in_private_mount_ns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    std::thread::spawn(move || {
+        use nix::mount::{mount, MsFlags};
+        if nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).is_err() {
+            return None;
+        }
+        mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+            None::<&str>,
+        )
+        .ok()?;
+        Some(f())
+    })
+    .join()
+    .ok()
+    .flatten()
+}
+
+#[test]
+fn bind_mounts_inside_the_workspace_are_skipped_and_reported() {
+    if !is_root() {
+        eprintln!("skipped: bind mounts need root");
+        return;
+    }
+    for openat2 in modes() {
+        let fx = fixture();
+        let ws = fx.ws();
+        std::fs::create_dir_all(ws.join("sub/mnt")).unwrap();
+        std::fs::write(ws.join("sub/file"), b"x").unwrap();
+        std::fs::write(ws.join("tokenmount"), b"").unwrap();
+        std::fs::write(ws.join("plain"), b"x").unwrap();
+        let before = outside_snapshot(&fx);
+        let data = fx.outside.join("data");
+        let token = fx.outside.join("token");
+        let fx = std::sync::Arc::new(fx);
+        let fx2 = fx.clone();
+        let outcome = in_private_mount_ns(move || {
+            use nix::mount::{mount, MsFlags};
+            let ws = fx2.ws();
+            let bind = MsFlags::MS_BIND;
+            if mount(
+                Some(&data),
+                &ws.join("sub/mnt"),
+                None::<&str>,
+                bind,
+                None::<&str>,
+            )
+            .is_err()
+                || mount(
+                    Some(&token),
+                    &ws.join("tokenmount"),
+                    None::<&str>,
+                    bind,
+                    None::<&str>,
+                )
+                .is_err()
+            {
+                return None;
+            }
+            Some(wipe_with(&fx2, opts(openat2, 128)))
+        });
+        let Some(Some(report)) = outcome else {
+            eprintln!("skipped: cannot create a mount namespace or bind mount here");
+            return;
+        };
+        assert!(!report.fully_wiped);
+        let mut mounts = report.skipped_mounts.clone();
+        mounts.sort();
+        assert_eq!(
+            mounts,
+            vec!["sub/mnt".to_owned(), "tokenmount".to_owned()],
+            "{report:?}"
+        );
+        assert!(!ws.join("plain").exists() && !ws.join("sub/file").exists());
+        // The namespace is gone with its thread: the mount points are plain entries again.
+        assert_outside_unchanged(&fx, &before);
+        let report = wipe_with(&fx, opts(openat2, 128));
+        assert!(report.fully_wiped, "{report:?}");
+        assert_ws_empty(&fx);
+    }
+}
