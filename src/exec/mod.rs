@@ -1,0 +1,12 @@
+//! Exec sessions: resolving a request, spawning it (pipes or PTY, privilege drop), its
+//! I/O pumps and replay buffers, timeouts, and exit status.
+
+mod error;
+pub mod output;
+mod session;
+pub mod spawn;
+pub mod spec;
+
+pub use error::ExecError;
+pub use session::{ExecConfig, Session, SessionInputError, Sessions};
+pub use spec::{lookup_user, ExecPolicy, User};

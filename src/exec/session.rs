@@ -1,0 +1,528 @@
+//! A running (or exited, not yet forgotten) exec session, and the table of them.
+//!
+//! A session outlives any stream attached to it: its pumps fill the replay buffers
+//! whether or not the gateway is connected, and its exit is kept until the gateway
+//! forgets it.
+
+use bytes::{Bytes, BytesMut};
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::sync::{mpsc, watch};
+
+use super::output::OutputBuffer;
+use super::spawn::{self, Io};
+use super::spec::{self, ExecPolicy};
+use super::ExecError;
+use crate::pid1::{ExitInfo, Reaper};
+use crate::proto;
+
+/// Limits and defaults for sessions, fixed at boot.
+#[derive(Debug, Clone)]
+pub struct ExecConfig {
+    pub policy: ExecPolicy,
+    /// Unacknowledged bytes held per output stream before the process is paused.
+    pub buffer_capacity: usize,
+    pub max_sessions: usize,
+    /// How long output is drained after the leader exits while something else still
+    /// holds the pipe (a background grandchild).
+    pub drain_timeout: Duration,
+    pub default_kill_grace: Duration,
+}
+
+enum StdinCmd {
+    Data(Bytes),
+    Eof,
+}
+
+pub struct Session {
+    pub id: String,
+    pub pid: u32,
+    pub is_tty: bool,
+    pub stdout: OutputBuffer,
+    pub stderr: OutputBuffer,
+    stdin: Mutex<Option<mpsc::Sender<StdinCmd>>>,
+    pty_master: Option<OwnedFd>,
+    exit: watch::Sender<Option<proto::ExitStatus>>,
+    timed_out: AtomicBool,
+    /// The task serving the currently attached stream, replaced on re-attach.
+    pub(crate) attached: Mutex<Option<tokio::task::AbortHandle>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionInputError {
+    #[error(
+        "stdin of session '{0}' is already closed (after StdinEof, or opened with stdin=false)"
+    )]
+    StdinClosed(String),
+    #[error("session '{0}' has no terminal: Resize applies only to sessions opened with tty")]
+    NotATty(String),
+    #[error("signal {0} is not a valid signal number (1..64)")]
+    BadSignal(i32),
+    #[error("terminal size {0}x{1} is invalid: both must be between 1 and 65535")]
+    BadSize(u32, u32),
+    #[error("signalling session '{id}' failed: {source}")]
+    Signal {
+        id: String,
+        #[source]
+        source: nix::Error,
+    },
+}
+
+impl SessionInputError {
+    pub fn to_proto(&self) -> proto::Error {
+        let code = match self {
+            SessionInputError::StdinClosed(_) | SessionInputError::NotATty(_) => {
+                proto::ErrorCode::FailedPrecondition
+            }
+            SessionInputError::BadSignal(_) | SessionInputError::BadSize(..) => {
+                proto::ErrorCode::InvalidArgument
+            }
+            SessionInputError::Signal { .. } => proto::ErrorCode::Internal,
+        };
+        proto::Error {
+            code: code as i32,
+            message: self.to_string(),
+        }
+    }
+}
+
+impl Session {
+    pub fn exit_status(&self) -> Option<proto::ExitStatus> {
+        *self.exit.borrow()
+    }
+
+    pub fn subscribe_exit(&self) -> watch::Receiver<Option<proto::ExitStatus>> {
+        self.exit.subscribe()
+    }
+
+    pub fn state(&self) -> proto::SessionState {
+        proto::SessionState {
+            session_id: self.id.clone(),
+            stdout_end: self.stdout.end(),
+            stderr_end: self.stderr.end(),
+            exit: self.exit_status(),
+            pid: self.pid,
+        }
+    }
+
+    pub async fn write_stdin(&self, data: Bytes) -> Result<(), SessionInputError> {
+        let tx = self.stdin.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        match tx {
+            // A full queue waits here, which stops reading the session stream: HTTP/2
+            // flow control then pushes back on the gateway.
+            Some(tx) => tx
+                .send(StdinCmd::Data(data))
+                .await
+                .map_err(|_| SessionInputError::StdinClosed(self.id.clone())),
+            None => Err(SessionInputError::StdinClosed(self.id.clone())),
+        }
+    }
+
+    pub async fn close_stdin(&self) -> Result<(), SessionInputError> {
+        let tx = self.stdin.lock().unwrap_or_else(|e| e.into_inner()).take();
+        match tx {
+            Some(tx) => tx
+                .send(StdinCmd::Eof)
+                .await
+                .map_err(|_| SessionInputError::StdinClosed(self.id.clone())),
+            None => Err(SessionInputError::StdinClosed(self.id.clone())),
+        }
+    }
+
+    pub fn resize(&self, cols: u32, rows: u32) -> Result<(), SessionInputError> {
+        let master = self
+            .pty_master
+            .as_ref()
+            .ok_or_else(|| SessionInputError::NotATty(self.id.clone()))?;
+        let (c, r) = valid_size(cols, rows).ok_or(SessionInputError::BadSize(cols, rows))?;
+        spawn::resize_pty(master, c, r).map_err(|source| SessionInputError::Signal {
+            id: self.id.clone(),
+            source,
+        })
+    }
+
+    /// Delivers a signal to the session's whole process group.
+    pub fn signal(&self, signo: i32) -> Result<(), SessionInputError> {
+        let sig = Signal::try_from(signo).map_err(|_| SessionInputError::BadSignal(signo))?;
+        if self.exit_status().is_some() {
+            return Ok(());
+        }
+        match killpg(Pid::from_raw(self.pid as i32), sig) {
+            Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
+            Err(source) => Err(SessionInputError::Signal {
+                id: self.id.clone(),
+                source,
+            }),
+        }
+    }
+
+    /// Releases acknowledged bytes.
+    pub fn ack(&self, stdout_offset: u64, stderr_offset: u64) {
+        self.stdout.ack(stdout_offset);
+        self.stderr.ack(stderr_offset);
+    }
+}
+
+fn valid_size(cols: u32, rows: u32) -> Option<(u16, u16)> {
+    let c = u16::try_from(cols).ok().filter(|&c| c > 0)?;
+    let r = u16::try_from(rows).ok().filter(|&r| r > 0)?;
+    Some((c, r))
+}
+
+fn valid_session_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b))
+}
+
+/// The table of sessions: one place that opens, finds and forgets them.
+#[derive(Clone)]
+pub struct Sessions {
+    inner: Arc<SessionsInner>,
+}
+
+struct SessionsInner {
+    table: Mutex<HashMap<String, Arc<Session>>>,
+    reaper: Reaper,
+    cfg: ExecConfig,
+    accepting: AtomicBool,
+    events: mpsc::UnboundedSender<proto::SessionEvent>,
+}
+
+impl Sessions {
+    pub fn new(
+        cfg: ExecConfig,
+        reaper: Reaper,
+    ) -> (Self, mpsc::UnboundedReceiver<proto::SessionEvent>) {
+        let (events, rx) = mpsc::unbounded_channel();
+        let inner = SessionsInner {
+            table: Mutex::new(HashMap::new()),
+            reaper,
+            cfg,
+            accepting: AtomicBool::new(true),
+            events,
+        };
+        (
+            Sessions {
+                inner: Arc::new(inner),
+            },
+            rx,
+        )
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Session>>> {
+        self.inner.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<Session>> {
+        self.table().get(id).cloned()
+    }
+
+    pub fn states(&self) -> Vec<proto::SessionState> {
+        let mut v: Vec<_> = self.table().values().map(|s| s.state()).collect();
+        v.sort_by(|a, b| a.session_id.cmp(&b.session_id));
+        v
+    }
+
+    pub fn live_count(&self) -> usize {
+        self.table()
+            .values()
+            .filter(|s| s.exit_status().is_none())
+            .count()
+    }
+
+    /// Refuses every later `open` (release has begun).
+    pub fn stop_accepting(&self) {
+        self.inner.accepting.store(false, Ordering::SeqCst);
+    }
+
+    /// Drops a session; a running one has its process group killed.
+    pub fn forget(&self, id: &str) -> bool {
+        let Some(s) = self.table().remove(id) else {
+            return false;
+        };
+        if s.exit_status().is_none() {
+            let _ = killpg(Pid::from_raw(s.pid as i32), Signal::SIGKILL);
+        }
+        if let Some(h) = s.attached.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            h.abort();
+        }
+        tracing::info!(
+            event = "session.forgotten",
+            session_id = id,
+            "session forgotten"
+        );
+        true
+    }
+
+    /// Validates and starts a session. The caller reports `started`/`failed`.
+    pub fn open(&self, id: &str, spec: &proto::ExecSpec) -> Result<Arc<Session>, ExecError> {
+        if !self.inner.accepting.load(Ordering::SeqCst) {
+            return Err(ExecError::Releasing);
+        }
+        if !valid_session_id(id) {
+            return Err(ExecError::BadSessionId { id: id.into() });
+        }
+        let io = match &spec.tty {
+            Some(t) => {
+                let (cols, rows) = valid_size(t.cols, t.rows).ok_or(ExecError::BadTtySize {
+                    cols: t.cols,
+                    rows: t.rows,
+                })?;
+                Io::Pty { cols, rows }
+            }
+            None => Io::Pipes { stdin: spec.stdin },
+        };
+        let resolved = spec::resolve(spec, &self.inner.cfg.policy)?;
+        {
+            let table = self.table();
+            if table.contains_key(id) {
+                return Err(ExecError::DuplicateSession { id: id.into() });
+            }
+            if table.len() >= self.inner.cfg.max_sessions {
+                return Err(ExecError::TooManySessions {
+                    limit: self.inner.cfg.max_sessions,
+                });
+            }
+        }
+        let is_tty = matches!(io, Io::Pty { .. });
+        let spawned = spawn::spawn(&resolved, io, &self.inner.reaper)?;
+        let cap = self.inner.cfg.buffer_capacity;
+        let (stdin_tx, stdin_rx) = mpsc::channel(64);
+        let has_stdin = spawned.stdin.is_some();
+        let pty_master = if is_tty {
+            Some(spawned.stdout.try_clone().map_err(|e| ExecError::Spawn {
+                program: spec.argv[0].clone(),
+                source: e,
+            })?)
+        } else {
+            None
+        };
+        let session = Arc::new(Session {
+            id: id.to_string(),
+            pid: spawned.pid,
+            is_tty,
+            stdout: OutputBuffer::new(cap),
+            stderr: OutputBuffer::new(cap),
+            stdin: Mutex::new(has_stdin.then_some(stdin_tx)),
+            pty_master,
+            exit: watch::channel(None).0,
+            timed_out: AtomicBool::new(false),
+            attached: Mutex::new(None),
+        });
+        self.table().insert(id.to_string(), session.clone());
+
+        let out_pump = tokio::spawn(pump(spawned.stdout, session.clone(), Stream::Stdout));
+        let err_pump = match spawned.stderr {
+            Some(fd) => tokio::spawn(pump(fd, session.clone(), Stream::Stderr)),
+            None => {
+                session.stderr.close();
+                tokio::spawn(async {})
+            }
+        };
+        if let Some(fd) = spawned.stdin {
+            tokio::spawn(stdin_writer(fd, stdin_rx, is_tty));
+        }
+        if spec.timeout_ms > 0 {
+            let grace = if spec.kill_grace_ms > 0 {
+                Duration::from_millis(spec.kill_grace_ms)
+            } else {
+                self.inner.cfg.default_kill_grace
+            };
+            tokio::spawn(enforce_timeout(
+                session.clone(),
+                Duration::from_millis(spec.timeout_ms),
+                grace,
+            ));
+        }
+        tokio::spawn(finish(
+            session.clone(),
+            spawned.exit,
+            spawned.started_at,
+            [out_pump, err_pump],
+            self.inner.cfg.drain_timeout,
+            self.inner.events.clone(),
+        ));
+        tracing::info!(event = "session.started", session_id = id, pid = spawned.pid, tty = is_tty, program = %resolved.program.display(), "session started");
+        Ok(session)
+    }
+}
+
+fn register(fd: OwnedFd, interest: Interest) -> std::io::Result<AsyncFd<OwnedFd>> {
+    // SAFETY: an `OwnedFd` stays open and refers to the same description until the
+    // `AsyncFd` that owns it is dropped, which is exactly tokio's requirement.
+    unsafe { AsyncFd::register_with_interest(fd, interest) }.map_err(|e| e.into_parts().1)
+}
+
+#[derive(Clone, Copy)]
+enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// Moves bytes from the process's pipe (or PTY master) into the replay buffer, and stops
+/// reading while the buffer is full.
+async fn pump(fd: OwnedFd, session: Arc<Session>, which: Stream) {
+    let buf = match which {
+        Stream::Stdout => &session.stdout,
+        Stream::Stderr => &session.stderr,
+    };
+    if let Ok(afd) = register(fd, Interest::READABLE) {
+        loop {
+            buf.wait_space().await;
+            let want = buf.space().clamp(1, 256 * 1024);
+            let Ok(mut guard) = afd.readable().await else {
+                break;
+            };
+            let mut chunk = BytesMut::with_capacity(want);
+            let res = guard.try_io(|inner| {
+                // SAFETY: read(2) writes at most `want` bytes into the spare capacity
+                // reserved above; we only extend the length by what it reports.
+                let n = unsafe {
+                    libc::read(
+                        inner.as_raw_fd(),
+                        chunk.spare_capacity_mut().as_mut_ptr().cast(),
+                        want,
+                    )
+                };
+                if n < 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok(n as usize)
+                }
+            });
+            match res {
+                Ok(Ok(0)) => break,
+                Ok(Ok(n)) => {
+                    // SAFETY: the kernel initialised the first `n` bytes.
+                    unsafe { chunk.set_len(n) };
+                    buf.push(chunk.freeze());
+                }
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                // EIO: every holder of a PTY's slave side closed it; that is EOF.
+                Ok(Err(_)) => break,
+                Err(_would_block) => {}
+            }
+        }
+    }
+    buf.close();
+}
+
+async fn stdin_writer(fd: OwnedFd, mut rx: mpsc::Receiver<StdinCmd>, is_tty: bool) {
+    let Ok(afd) = register(fd, Interest::WRITABLE) else {
+        return;
+    };
+    while let Some(cmd) = rx.recv().await {
+        let data = match cmd {
+            StdinCmd::Data(d) => d,
+            // A PTY has no half-close: EOF is the terminal's EOF character (^D).
+            StdinCmd::Eof if is_tty => Bytes::from_static(b"\x04"),
+            StdinCmd::Eof => return, // dropping the fd closes the pipe
+        };
+        let mut rest = &data[..];
+        while !rest.is_empty() {
+            let Ok(mut guard) = afd.writable().await else {
+                return;
+            };
+            match guard.try_io(|inner| {
+                nix::unistd::write(inner.get_ref(), rest).map_err(std::io::Error::from)
+            }) {
+                Ok(Ok(n)) => rest = &rest[n..],
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                // EPIPE: the process closed its stdin; discard the rest quietly.
+                Ok(Err(_)) => return,
+                Err(_would_block) => {}
+            }
+        }
+        if is_tty && data.as_ref() == b"\x04" && rx.is_closed() {
+            return;
+        }
+    }
+}
+
+async fn enforce_timeout(session: Arc<Session>, timeout: Duration, grace: Duration) {
+    let mut exit = session.subscribe_exit();
+    if tokio::time::timeout(timeout, exit.wait_for(|e| e.is_some()))
+        .await
+        .is_ok()
+    {
+        return;
+    }
+    session.timed_out.store(true, Ordering::SeqCst);
+    tracing::info!(event = "session.timed_out", session_id = %session.id, timeout_ms = timeout.as_millis() as u64, "session timed out; terminating");
+    let _ = session.signal(libc::SIGTERM);
+    if tokio::time::timeout(grace, exit.wait_for(|e| e.is_some()))
+        .await
+        .is_err()
+    {
+        let _ = session.signal(libc::SIGKILL);
+    }
+}
+
+/// Waits for the leader's exit, drains output for a bounded time, then publishes the
+/// exit status (always after the last byte of output is in the buffers).
+async fn finish(
+    session: Arc<Session>,
+    exit: tokio::sync::oneshot::Receiver<(ExitInfo, Instant)>,
+    started_at: Instant,
+    pumps: [tokio::task::JoinHandle<()>; 2],
+    drain_timeout: Duration,
+    events: mpsc::UnboundedSender<proto::SessionEvent>,
+) {
+    let (info, exited_at) = match exit.await {
+        Ok(v) => v,
+        // The reaper is gone: treat the process as lost (should not happen).
+        Err(_) => (
+            ExitInfo::Signaled {
+                signal: libc::SIGKILL,
+                core_dumped: false,
+            },
+            Instant::now(),
+        ),
+    };
+    let [a, b] = pumps;
+    let (abort_a, abort_b) = (a.abort_handle(), b.abort_handle());
+    let drained = tokio::time::timeout(drain_timeout, async {
+        let _ = a.await;
+        let _ = b.await;
+    })
+    .await
+    .is_ok();
+    if !drained {
+        // Something outside the leader still holds the pipe: stop waiting for it.
+        abort_a.abort();
+        abort_b.abort();
+        session.stdout.close();
+        session.stderr.close();
+        tracing::info!(event = "session.drain_timeout", session_id = %session.id, "output still held open after the leader exited; stopped draining");
+    }
+    let (how, core_dumped) = match info {
+        ExitInfo::Exited(code) => (proto::exit_status::How::ExitCode(code), false),
+        ExitInfo::Signaled {
+            signal,
+            core_dumped,
+        } => (proto::exit_status::How::Signal(signal), core_dumped),
+    };
+    let status = proto::ExitStatus {
+        how: Some(how),
+        core_dumped,
+        status: info.shell_status(),
+        timed_out: session.timed_out.load(Ordering::SeqCst),
+        duration_ms: exited_at.duration_since(started_at).as_millis() as u64,
+    };
+    tracing::info!(event = "session.exited", session_id = %session.id, status = status.status, timed_out = status.timed_out, duration_ms = status.duration_ms, "session exited");
+    session.exit.send_replace(Some(status));
+    let _ = events.send(proto::SessionEvent {
+        session_id: session.id.clone(),
+        event: Some(proto::session_event::Event::Exited(status)),
+    });
+}

@@ -1,0 +1,326 @@
+//! Turning a protocol `ExecSpec` into something safe to spawn: who runs it, where, with
+//! which environment, and which file. Everything that can be checked before `fork` is
+//! checked here, so errors name the problem instead of surfacing as a bare errno.
+
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStringExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use super::ExecError;
+use crate::proto::ExecSpec;
+
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub const DEFAULT_TERM: &str = "xterm-256color";
+
+/// A user from `/etc/passwd`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub home: String,
+    pub shell: String,
+}
+
+/// Looks a user up by name or numeric uid in a passwd file.
+pub fn lookup_user(passwd: &Path, user: &str) -> Option<User> {
+    let text = std::fs::read_to_string(passwd).ok()?;
+    let by_uid: Option<u32> = user.parse().ok();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split(':').collect();
+        if f.len() < 7 {
+            continue;
+        }
+        let (Ok(uid), Ok(gid)) = (f[2].parse::<u32>(), f[3].parse::<u32>()) else {
+            continue;
+        };
+        if f[0] == user || by_uid == Some(uid) {
+            return Some(User {
+                name: f[0].into(),
+                uid,
+                gid,
+                home: f[5].into(),
+                shell: f[6].into(),
+            });
+        }
+    }
+    // A bare uid that has no passwd entry is still a valid identity to run as.
+    by_uid.map(|uid| User {
+        name: uid.to_string(),
+        uid,
+        gid: uid,
+        home: "/".into(),
+        shell: "/bin/sh".into(),
+    })
+}
+
+/// What the exec policy allows, fixed at boot.
+#[derive(Debug, Clone)]
+pub struct ExecPolicy {
+    pub workspace: PathBuf,
+    pub default_user: User,
+    pub allow_root: bool,
+    /// Whether the supervisor can switch users (it runs as root).
+    pub privileged: bool,
+    pub passwd: PathBuf,
+}
+
+/// A validated, resolved spec.
+#[derive(Debug)]
+pub struct Resolved {
+    pub program: PathBuf,
+    pub argv: Vec<OsString>,
+    pub env: Vec<(OsString, OsString)>,
+    pub cwd: PathBuf,
+    pub user: User,
+    /// `None` = keep the supervisor's own identity (not root).
+    pub switch_user: bool,
+}
+
+pub fn resolve(spec: &ExecSpec, policy: &ExecPolicy) -> Result<Resolved, ExecError> {
+    if spec.argv.is_empty() || spec.argv[0].is_empty() {
+        return Err(ExecError::EmptyArgv);
+    }
+    for (index, a) in spec.argv.iter().enumerate() {
+        if a.contains('\0') {
+            return Err(ExecError::NulInArgument { index });
+        }
+    }
+    for (k, v) in &spec.env {
+        if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+            return Err(ExecError::BadEnv { name: k.clone() });
+        }
+    }
+
+    let user = resolve_user(&spec.user, policy)?;
+    let cwd = resolve_cwd(&spec.cwd, &policy.workspace)?;
+
+    // The clean base environment; the request's variables go on top.
+    let mut env: Vec<(String, String)> = vec![
+        ("PATH".into(), DEFAULT_PATH.into()),
+        ("HOME".into(), user.home.clone()),
+        ("USER".into(), user.name.clone()),
+        ("LOGNAME".into(), user.name.clone()),
+        ("SHELL".into(), user.shell.clone()),
+        ("PWD".into(), cwd.to_string_lossy().into_owned()),
+    ];
+    if let Some(tty) = &spec.tty {
+        let term = if tty.term.is_empty() {
+            DEFAULT_TERM
+        } else {
+            tty.term.as_str()
+        };
+        env.push(("TERM".into(), term.into()));
+    }
+    for (k, v) in &spec.env {
+        match env.iter_mut().find(|(name, _)| name == k) {
+            Some(slot) => slot.1 = v.clone(),
+            None => env.push((k.clone(), v.clone())),
+        }
+    }
+    let path_var = env
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    let program = find_program(&spec.argv[0], &path_var, &cwd)?;
+
+    Ok(Resolved {
+        program,
+        argv: spec.argv.iter().map(OsString::from).collect(),
+        env: env.into_iter().map(|(k, v)| (k.into(), v.into())).collect(),
+        cwd,
+        switch_user: policy.privileged,
+        user,
+    })
+}
+
+fn resolve_user(requested: &str, policy: &ExecPolicy) -> Result<User, ExecError> {
+    if requested.is_empty() {
+        return Ok(policy.default_user.clone());
+    }
+    if !policy.privileged {
+        // Without root we cannot switch; accept only a request for who we already are.
+        let own_uid = nix::unistd::geteuid().as_raw();
+        return match lookup_user(&policy.passwd, requested) {
+            Some(u) if u.uid == own_uid => Ok(u),
+            _ => Err(ExecError::CannotSwitchUser {
+                user: requested.into(),
+                own_uid,
+            }),
+        };
+    }
+    let user = lookup_user(&policy.passwd, requested).ok_or_else(|| ExecError::UnknownUser {
+        user: requested.into(),
+    })?;
+    if user.uid == 0 && !policy.allow_root {
+        return Err(ExecError::RootNotAllowed {
+            user: requested.into(),
+        });
+    }
+    Ok(user)
+}
+
+fn resolve_cwd(requested: &str, workspace: &Path) -> Result<PathBuf, ExecError> {
+    let cwd = if requested.is_empty() {
+        workspace.to_path_buf()
+    } else {
+        workspace.join(requested)
+    };
+    match std::fs::metadata(&cwd) {
+        Ok(m) if m.is_dir() => Ok(cwd),
+        Ok(_) => Err(ExecError::BadCwd {
+            cwd: cwd.display().to_string(),
+            why: "is not a directory".into(),
+        }),
+        Err(e) => Err(ExecError::BadCwd {
+            cwd: cwd.display().to_string(),
+            why: format!("cannot be used: {e}"),
+        }),
+    }
+}
+
+/// Resolves argv[0] the way a shell would, but with errors that say what was searched.
+fn find_program(name: &str, path_var: &str, cwd: &Path) -> Result<PathBuf, ExecError> {
+    if name.contains('/') {
+        let p = cwd.join(name);
+        return match std::fs::metadata(&p) {
+            Ok(m) => check_executable(&p, &m).map(|_| p),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(ExecError::NotFound {
+                name: name.into(),
+                path: format!("(not searched: '{name}' contains '/')"),
+            }),
+            Err(e) => Err(ExecError::NotExecutable {
+                path: p.display().to_string(),
+                why: e.to_string(),
+            }),
+        };
+    }
+    let mut first_denied = None;
+    for dir in path_var.split(':') {
+        let dir = if dir.is_empty() {
+            cwd.to_path_buf()
+        } else {
+            cwd.join(dir)
+        };
+        let candidate = dir.join(name);
+        if let Ok(m) = std::fs::metadata(&candidate) {
+            match check_executable(&candidate, &m) {
+                Ok(()) => return Ok(candidate),
+                Err(e) => {
+                    first_denied.get_or_insert(e);
+                }
+            }
+        }
+    }
+    Err(first_denied.unwrap_or_else(|| ExecError::NotFound {
+        name: name.into(),
+        path: path_var.into(),
+    }))
+}
+
+fn check_executable(path: &Path, meta: &std::fs::Metadata) -> Result<(), ExecError> {
+    if meta.is_dir() {
+        return Err(ExecError::NotExecutable {
+            path: path.display().to_string(),
+            why: "it is a directory".into(),
+        });
+    }
+    if meta.permissions().mode() & 0o111 == 0 {
+        return Err(ExecError::NotExecutable {
+            path: path.display().to_string(),
+            why: "no execute permission".into(),
+        });
+    }
+    Ok(())
+}
+
+/// `KEY=VALUE` bytes for a resolved environment (used in tests and logs of names only).
+pub fn env_names(env: &[(OsString, OsString)]) -> Vec<String> {
+    env.iter()
+        .map(|(k, _)| String::from_utf8_lossy(&k.clone().into_vec()).into_owned())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(dir: &Path) -> ExecPolicy {
+        ExecPolicy {
+            workspace: dir.to_path_buf(),
+            default_user: User {
+                name: "sandbox".into(),
+                uid: 1000,
+                gid: 1000,
+                home: "/home/sandbox".into(),
+                shell: "/bin/sh".into(),
+            },
+            allow_root: false,
+            privileged: true,
+            passwd: dir.join("passwd"),
+        }
+    }
+
+    fn spec(argv: &[&str]) -> ExecSpec {
+        ExecSpec {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn missing_program_names_it_and_the_path_searched() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = resolve(&spec(&["no-such-program-xyz"]), &policy(dir.path())).unwrap_err();
+        assert_eq!(err.code(), crate::proto::ErrorCode::NotFound);
+        let msg = err.to_string();
+        assert!(
+            msg.contains("no-such-program-xyz") && msg.contains(DEFAULT_PATH),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn empty_argv_bad_cwd_and_root_are_refused_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+        let p = policy(dir.path());
+        assert!(matches!(resolve(&spec(&[]), &p), Err(ExecError::EmptyArgv)));
+        let mut s = spec(&["true"]);
+        s.cwd = "nope".into();
+        assert!(matches!(resolve(&s, &p), Err(ExecError::BadCwd { .. })));
+        let mut s = spec(&["true"]);
+        s.user = "root".into();
+        assert!(matches!(
+            resolve(&s, &p),
+            Err(ExecError::RootNotAllowed { .. })
+        ));
+        s.user = "ghost".into();
+        assert!(matches!(
+            resolve(&s, &p),
+            Err(ExecError::UnknownUser { .. })
+        ));
+    }
+
+    #[test]
+    fn env_is_clean_and_request_overrides_base() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = spec(&["sh"]);
+        s.env.insert("FOO".into(), "bar".into());
+        s.env.insert("HOME".into(), "/elsewhere".into());
+        let r = resolve(&s, &policy(dir.path())).unwrap();
+        let get = |k: &str| {
+            r.env
+                .iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.to_string_lossy().into_owned())
+        };
+        assert_eq!(get("FOO").as_deref(), Some("bar"));
+        assert_eq!(get("HOME").as_deref(), Some("/elsewhere"));
+        assert_eq!(get("USER").as_deref(), Some("sandbox"));
+        assert!(get("SANDBOX_SUPERVISOR_GATEWAY").is_none());
+        assert!(r.program.is_absolute());
+    }
+}
