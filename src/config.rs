@@ -1,0 +1,369 @@
+//! Flags and `SANDBOX_SUPERVISOR_*` environment, validated at boot. Every option of
+//! `run` has both; a bad value fails naming the option (exit code 64).
+
+use clap::{Args, Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sandbox-supervisor",
+    version,
+    about = "PID-1 supervisor for Kubernetes agent sandboxes in warm pools"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the supervisor (the container's entrypoint).
+    Run(Box<RunConfig>),
+    /// Run the reference gateway and a supervisor here, through the full lifecycle, with
+    /// your terminal attached to a session in the sandbox.
+    Local(LocalArgs),
+    /// Exec-probe helper: query /livez or /readyz of a running supervisor.
+    Probe(ProbeArgs),
+    /// Print the version.
+    Version,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// JSON lines, or text when stderr is a terminal.
+    Auto,
+    Json,
+    Text,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunConfig {
+    /// Volume root holding workspace/ and .supervisor/.
+    #[arg(long, env = "SANDBOX_SUPERVISOR_VOLUME", default_value = "/sandbox")]
+    pub volume: PathBuf,
+
+    /// Seed the workspace from this directory (baked into the image).
+    #[arg(long, env = "SANDBOX_SUPERVISOR_SEED_DIR", default_value = "/opt/sandbox/seed", conflicts_with_all = ["seed_archive", "seed_url"])]
+    pub seed_dir: PathBuf,
+    /// Seed from a tar archive (plain, gzip or zstd).
+    #[arg(long, env = "SANDBOX_SUPERVISOR_SEED_ARCHIVE")]
+    pub seed_archive: Option<PathBuf>,
+    /// Seed from an HTTPS URL (a tar archive); requires --seed-sha256.
+    #[arg(long, env = "SANDBOX_SUPERVISOR_SEED_URL", requires = "seed_sha256")]
+    pub seed_url: Option<String>,
+    /// SHA-256 (hex) the downloaded seed archive must have.
+    #[arg(long, env = "SANDBOX_SUPERVISOR_SEED_SHA256")]
+    pub seed_sha256: Option<String>,
+    /// CA bundle for --seed-url (default: public web PKI roots).
+    #[arg(long, env = "SANDBOX_SUPERVISOR_SEED_CA")]
+    pub seed_ca: Option<PathBuf>,
+
+    /// Gateway endpoint (https://host:port; http:// needs --allow-plaintext).
+    #[arg(long, env = "SANDBOX_SUPERVISOR_GATEWAY")]
+    pub gateway: String,
+    /// CA bundle (PEM) to trust for the gateway; nothing else is trusted.
+    #[arg(long, env = "SANDBOX_SUPERVISOR_GATEWAY_CA")]
+    pub gateway_ca: Option<PathBuf>,
+    /// TLS server name to verify instead of the endpoint's host.
+    #[arg(long, env = "SANDBOX_SUPERVISOR_GATEWAY_SERVER_NAME")]
+    pub gateway_server_name: Option<String>,
+    /// Client certificate (PEM) for mutual TLS.
+    #[arg(long, env = "SANDBOX_SUPERVISOR_CLIENT_CERT", requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS.
+    #[arg(long, env = "SANDBOX_SUPERVISOR_CLIENT_KEY", requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
+    /// Allow an http:// gateway (no TLS). Logged as a warning.
+    #[arg(long, env = "SANDBOX_SUPERVISOR_ALLOW_PLAINTEXT")]
+    pub allow_plaintext: bool,
+
+    /// Projected ServiceAccount token (re-read on every use).
+    #[arg(
+        long,
+        env = "SANDBOX_SUPERVISOR_TOKEN_PATH",
+        default_value = "/var/run/secrets/sandbox-gateway/token"
+    )]
+    pub token_path: PathBuf,
+    /// Pod name (downward API metadata.name).
+    #[arg(long, env = "SANDBOX_SUPERVISOR_POD_NAME", default_value = "")]
+    pub pod_name: String,
+    /// Pod namespace (downward API metadata.namespace).
+    #[arg(long, env = "SANDBOX_SUPERVISOR_POD_NAMESPACE", default_value = "")]
+    pub pod_namespace: String,
+    /// Pod UID (downward API metadata.uid); activations must name it.
+    #[arg(long, env = "SANDBOX_SUPERVISOR_POD_UID", default_value = "")]
+    pub pod_uid: String,
+    /// Downward-API annotations file watched for the claim hint.
+    #[arg(
+        long,
+        env = "SANDBOX_SUPERVISOR_ANNOTATIONS_PATH",
+        default_value = "/etc/podinfo/annotations"
+    )]
+    pub annotations_path: PathBuf,
+    /// Annotation key whose appearance means a claim adopted the pod.
+    #[arg(
+        long,
+        env = "SANDBOX_SUPERVISOR_CLAIM_ANNOTATION",
+        default_value = "agents.x-k8s.io/claim-uid"
+    )]
+    pub claim_annotation: String,
+
+    /// User sessions run as by default (name or uid).
+    #[arg(
+        long,
+        env = "SANDBOX_SUPERVISOR_SANDBOX_USER",
+        default_value = "sandbox"
+    )]
+    pub sandbox_user: String,
+    /// Let sessions ask to run as root.
+    #[arg(long, env = "SANDBOX_SUPERVISOR_ALLOW_ROOT_SESSIONS")]
+    pub allow_root_sessions: bool,
+    /// passwd file for user lookups.
+    #[arg(
+        long,
+        env = "SANDBOX_SUPERVISOR_PASSWD",
+        default_value = "/etc/passwd",
+        hide = true
+    )]
+    pub passwd: PathBuf,
+    /// Maximum sessions open at once (running or not yet forgotten).
+    #[arg(long, env = "SANDBOX_SUPERVISOR_MAX_SESSIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_sessions: u32,
+    /// Unacknowledged output held per stream before the process is paused (bytes; K/M suffixes).
+    #[arg(long, env = "SANDBOX_SUPERVISOR_SESSION_BUFFER", default_value = "4M", value_parser = parse_bytes)]
+    pub session_buffer: usize,
+    /// How long output is drained after a session's leader exits.
+    #[arg(long, env = "SANDBOX_SUPERVISOR_DRAIN_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+    /// Default grace between SIGTERM and SIGKILL for session timeouts.
+    #[arg(long, env = "SANDBOX_SUPERVISOR_KILL_GRACE", default_value = "5s", value_parser = parse_duration)]
+    pub kill_grace: Duration,
+    /// Grace between SIGTERM and SIGKILL of the workload at release.
+    #[arg(long, env = "SANDBOX_SUPERVISOR_RELEASE_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub release_grace: Duration,
+
+    /// Address for /livez, /readyz and /metrics ("off" to disable).
+    #[arg(long, env = "SANDBOX_SUPERVISOR_LISTEN_PROBES", default_value = "0.0.0.0:9090", value_parser = parse_listen)]
+    pub listen_probes: ProbeListen,
+    /// Log format.
+    #[arg(long, env = "SANDBOX_SUPERVISOR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto)]
+    pub log_format: LogFormat,
+    /// Log filter (tracing EnvFilter syntax, e.g. "info" or "debug").
+    #[arg(long, env = "SANDBOX_SUPERVISOR_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct LocalArgs {
+    /// Seed the workspace from this directory (default: a small demo seed).
+    #[arg(long)]
+    pub seed_dir: Option<PathBuf>,
+    /// Log level of the supervisor and gateway.
+    #[arg(long, default_value = "warn")]
+    pub log_level: String,
+    /// Run over plaintext HTTP/2 instead of TLS.
+    #[arg(long)]
+    pub plaintext: bool,
+    /// Keep the temporary volume and logs for inspection.
+    #[arg(long)]
+    pub keep: bool,
+    /// The command to run in the sandbox (default: an interactive shell).
+    #[arg(last = true)]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ProbeArgs {
+    /// Which probe.
+    #[arg(value_enum)]
+    pub which: ProbeKind,
+    /// The supervisor's probe address.
+    #[arg(
+        long,
+        env = "SANDBOX_SUPERVISOR_PROBE_ADDR",
+        default_value = "127.0.0.1:9090"
+    )]
+    pub addr: SocketAddr,
+    /// Give up after this long.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum ProbeKind {
+    Live,
+    Ready,
+}
+
+/// Durations like `500ms`, `10s`, `2m`, `1h` (a bare number is seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration: use e.g. 500ms, 10s, 2m"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => {
+            return Err(format!(
+                "'{s}' has an unknown unit '{unit}': use ms, s, m or h"
+            ))
+        }
+    };
+    if !secs.is_finite() || !(0.0..=7.0 * 86400.0).contains(&secs) {
+        return Err(format!("'{s}' is out of range (0 to 7 days)"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Sizes like `4M`, `512K`, `65536`.
+pub fn parse_bytes(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1024),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1024 * 1024),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1024 * 1024 * 1024),
+        _ => (s, 1),
+    };
+    let n: usize = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size: use e.g. 65536, 512K, 4M"))?;
+    let v = n
+        .checked_mul(mult)
+        .ok_or_else(|| format!("'{s}' is too large"))?;
+    if !(4096..=(1usize << 30)).contains(&v) {
+        return Err(format!("'{s}' is out of range (4K to 1G)"));
+    }
+    Ok(v)
+}
+
+/// Where probes listen; `None` = disabled. A newtype because clap reads an `Option`
+/// field as "optional value" rather than as the parser's output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProbeListen(pub Option<SocketAddr>);
+
+fn parse_listen(s: &str) -> Result<ProbeListen, String> {
+    if s == "off" || s.is_empty() {
+        return Ok(ProbeListen(None));
+    }
+    s.parse()
+        .map(|a| ProbeListen(Some(a)))
+        .map_err(|_| format!("'{s}' is not an address: use host:port like 0.0.0.0:9090, or off"))
+}
+
+/// Problems clap cannot see: combinations and files.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--gateway {0:?}: must be an https:// URL (or http:// with --allow-plaintext)")]
+    GatewayScheme(String),
+    #[error("--gateway {0:?} is http:// but --allow-plaintext is not set: plaintext sends tokens unencrypted")]
+    PlaintextNotAllowed(String),
+    #[error("--seed-sha256 {0:?}: must be 64 hex digits")]
+    SeedDigest(String),
+    #[error("--seed-url {0:?}: must be an https:// URL")]
+    SeedUrl(String),
+    #[error("--{option} {path}: {why}")]
+    File {
+        option: &'static str,
+        path: String,
+        why: String,
+    },
+}
+
+impl RunConfig {
+    /// Checks what clap cannot; called once at boot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(rest) = self.gateway.strip_prefix("http://") {
+            if !self.allow_plaintext {
+                return Err(ConfigError::PlaintextNotAllowed(self.gateway.clone()));
+            }
+            if rest.is_empty() {
+                return Err(ConfigError::GatewayScheme(self.gateway.clone()));
+            }
+        } else if !self.gateway.starts_with("https://") || self.gateway.len() <= "https://".len() {
+            return Err(ConfigError::GatewayScheme(self.gateway.clone()));
+        }
+        if let Some(d) = &self.seed_sha256 {
+            if d.len() != 64 || !d.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(ConfigError::SeedDigest(d.clone()));
+            }
+        }
+        if let Some(u) = &self.seed_url {
+            let loopback = u.starts_with("http://127.") || u.starts_with("http://localhost");
+            if !u.starts_with("https://") && !loopback {
+                return Err(ConfigError::SeedUrl(u.clone()));
+            }
+        }
+        for (option, path) in [
+            ("gateway-ca", &self.gateway_ca),
+            ("client-cert", &self.client_cert),
+            ("client-key", &self.client_key),
+            ("seed-ca", &self.seed_ca),
+            ("seed-archive", &self.seed_archive),
+        ] {
+            if let Some(p) = path {
+                if let Err(e) = std::fs::metadata(p) {
+                    return Err(ConfigError::File {
+                        option,
+                        path: p.display().to_string(),
+                        why: format!("cannot be read ({e})"),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_sizes() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("10").unwrap(), Duration::from_secs(10));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert!(parse_duration("ten")
+            .unwrap_err()
+            .contains("not a duration"));
+        assert!(parse_duration("5y").unwrap_err().contains("unknown unit"));
+        assert_eq!(parse_bytes("4M").unwrap(), 4 << 20);
+        assert!(parse_bytes("12").is_err());
+    }
+
+    #[test]
+    fn bad_values_name_the_option() {
+        let err = Cli::try_parse_from([
+            "s",
+            "run",
+            "--gateway",
+            "https://g",
+            "--release-grace",
+            "soon",
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("--release-grace"), "{err}");
+        let Command::Run(cfg) = Cli::try_parse_from(["s", "run", "--gateway", "http://g:1"])
+            .unwrap()
+            .command
+        else {
+            panic!()
+        };
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--allow-plaintext"));
+    }
+}

@@ -1,0 +1,375 @@
+//! The outbound relay: the control stream (`Connect`), session streams, heartbeats,
+//! reconnect with backoff, and the release report.
+//!
+//! Sessions live in [`crate::exec::Sessions`], not here: a dropped relay never touches
+//! a process. After a reconnect, `Hello` lists every session and the gateway
+//! re-attaches the ones it wants from the offsets it holds.
+
+pub mod channel;
+mod stream;
+
+pub use channel::{authed, ChannelError, GatewayEndpoint};
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+use crate::exec::Sessions;
+use crate::identity::{Backoff, SandboxCredentials};
+use crate::proto::{self, gateway_message, supervisor_message, SupervisorMessage};
+use crate::telemetry::{SessionOutcome, Telemetry};
+
+/// Why the relay stopped serving.
+#[derive(Debug)]
+pub enum RelayEnd {
+    /// The gateway sent `Release`. The control stream stays open for the report.
+    Release {
+        reason: String,
+        grace: Option<Duration>,
+        reporter: Box<Reporter>,
+    },
+    /// The gateway refused us on connect (`PERMISSION_DENIED`/`NOT_FOUND`): the claim
+    /// is gone.
+    ClaimGone(String),
+}
+
+/// Sends the `ReleaseReport` on the control stream that carried the `Release`.
+#[derive(Debug)]
+pub struct Reporter {
+    tx: mpsc::Sender<SupervisorMessage>,
+    /// Keeps the response side open until the report went out.
+    _down: tonic::Streaming<proto::GatewayMessage>,
+}
+
+impl Reporter {
+    pub async fn send(self, report: proto::ReleaseReport) -> bool {
+        let msg = SupervisorMessage {
+            msg: Some(supervisor_message::Msg::ReleaseReport(report)),
+        };
+        let sent = self.tx.send(msg).await.is_ok();
+        // Give HTTP/2 a moment to flush before the stream is dropped.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        sent
+    }
+}
+
+pub struct Relay {
+    pub endpoint: GatewayEndpoint,
+    /// The channel used while warm, reused so binding needs no new TLS handshake.
+    pub channel: Option<Channel>,
+    pub creds: SandboxCredentials,
+    pub sessions: Sessions,
+    pub telemetry: Arc<Telemetry>,
+    pub hello: proto::Hello,
+}
+
+enum Attempt {
+    End(RelayEnd),
+    /// The connection dropped (after it was accepted, if `was_accepted`).
+    Dropped {
+        was_accepted: bool,
+        why: String,
+    },
+}
+
+impl Relay {
+    /// Serves until released. `on_accepted` fires after the first `Accepted`.
+    pub async fn run(
+        self,
+        mut events: mpsc::UnboundedReceiver<proto::SessionEvent>,
+        on_accepted: tokio::sync::oneshot::Sender<()>,
+    ) -> RelayEnd {
+        let mut on_accepted = Some(on_accepted);
+        let mut backoff = Backoff::default();
+        let mut ever_accepted = false;
+        let mut channel = self.channel.clone();
+        loop {
+            // The warm channel is used once; after a drop a fresh one is built, since
+            // the old connection may be half-open and the CA bundle may have rotated.
+            let ch = match channel.take() {
+                Some(ch) => ch,
+                None => match self.endpoint.channel() {
+                    Ok(ch) => ch,
+                    Err(e) => {
+                        tracing::error!(event = "relay.channel_failed", error = %e, "cannot set up the gateway connection");
+                        tokio::time::sleep(backoff.next_delay()).await;
+                        continue;
+                    }
+                },
+            };
+            match self
+                .attempt(ch, &mut events, &mut on_accepted, ever_accepted)
+                .await
+            {
+                Attempt::End(end) => return end,
+                Attempt::Dropped { was_accepted, why } => {
+                    if was_accepted {
+                        ever_accepted = true;
+                        backoff.reset();
+                    }
+                    let delay = backoff.next_delay();
+                    tracing::warn!(event = "relay.disconnected", reason = %why, retry_in_ms = delay.as_millis() as u64, "relay dropped; reconnecting");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    async fn attempt(
+        &self,
+        channel: Channel,
+        events: &mut mpsc::UnboundedReceiver<proto::SessionEvent>,
+        on_accepted: &mut Option<tokio::sync::oneshot::Sender<()>>,
+        reconnect: bool,
+    ) -> Attempt {
+        let dropped = |why: String, was_accepted: bool| Attempt::Dropped { was_accepted, why };
+        let (tx, rx) = mpsc::channel::<SupervisorMessage>(256);
+        let mut hello = self.hello.clone();
+        hello.sessions = self.sessions.states();
+        let _ = tx
+            .send(SupervisorMessage {
+                msg: Some(supervisor_message::Msg::Hello(hello)),
+            })
+            .await;
+        let req = match authed(ReceiverStream::new(rx), &self.creds.token()) {
+            Ok(r) => r,
+            Err(e) => return dropped(e.to_string(), false),
+        };
+        let mut down = match channel::client(channel.clone()).connect(req).await {
+            Ok(resp) => resp.into_inner(),
+            Err(status) => return self.classify(status, false),
+        };
+        let heartbeat = match down.message().await {
+            Ok(Some(proto::GatewayMessage {
+                msg: Some(gateway_message::Msg::Accepted(a)),
+            })) => Duration::from_millis(u64::from(a.heartbeat_interval_ms.max(100))),
+            Ok(Some(other)) => {
+                return dropped(format!("expected Accepted first, got {other:?}"), false)
+            }
+            Ok(None) => {
+                return dropped(
+                    "gateway closed the control stream before Accepted".into(),
+                    false,
+                )
+            }
+            Err(status) => return self.classify(status, false),
+        };
+        if reconnect {
+            self.telemetry.metrics.relay_reconnects_total.inc();
+            tracing::info!(
+                event = "relay.reconnected",
+                sessions = self.sessions.states().len(),
+                "relay reconnected"
+            );
+        } else {
+            tracing::info!(
+                event = "relay.connected",
+                heartbeat_ms = heartbeat.as_millis() as u64,
+                "relay accepted"
+            );
+        }
+        if let Some(tx) = on_accepted.take() {
+            let _ = tx.send(());
+        }
+
+        let mut last_heard = Instant::now();
+        let mut tick = tokio::time::interval(heartbeat);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                msg = down.message() => {
+                    last_heard = Instant::now();
+                    match msg {
+                        Ok(Some(m)) => {
+                            if let Some(end) = self.handle(m, &channel, &tx).await {
+                                return match end {
+                                    HandleEnd::Release { reason, grace } => {
+                                        Attempt::End(RelayEnd::Release { reason, grace, reporter: Box::new(Reporter { tx, _down: down }) })
+                                    }
+                                };
+                            }
+                        }
+                        Ok(None) => return dropped("gateway ended the control stream".into(), true),
+                        Err(status) => return self.classify(status, true),
+                    }
+                }
+                ev = events.recv() => {
+                    if let Some(ev) = ev {
+                        self.count_outcome(&ev);
+                        let msg = SupervisorMessage { msg: Some(supervisor_message::Msg::SessionEvent(ev)) };
+                        if tx.send(msg).await.is_err() {
+                            return dropped("control stream closed".into(), true);
+                        }
+                    }
+                }
+                _ = tick.tick() => {
+                    if last_heard.elapsed() > heartbeat * 3 {
+                        return dropped(format!("no message from the gateway for {:?}", last_heard.elapsed()), true);
+                    }
+                    let hb = SupervisorMessage { msg: Some(supervisor_message::Msg::Heartbeat(proto::Heartbeat {})) };
+                    if tx.send(hb).await.is_err() {
+                        return dropped("control stream closed".into(), true);
+                    }
+                }
+            }
+        }
+    }
+
+    fn classify(&self, status: tonic::Status, was_accepted: bool) -> Attempt {
+        match status.code() {
+            tonic::Code::PermissionDenied | tonic::Code::NotFound => Attempt::End(
+                RelayEnd::ClaimGone(format!("{:?}: {}", status.code(), status.message())),
+            ),
+            code => Attempt::Dropped {
+                was_accepted,
+                why: format!("{code:?}: {}", status.message()),
+            },
+        }
+    }
+
+    fn count_outcome(&self, ev: &proto::SessionEvent) {
+        use proto::session_event::Event;
+        let m = &self.telemetry.metrics;
+        match &ev.event {
+            Some(Event::Exited(s)) => {
+                m.sessions_active.dec();
+                m.session_ended(if s.timed_out {
+                    SessionOutcome::TimedOut
+                } else if matches!(s.how, Some(proto::exit_status::How::Signal(_))) {
+                    SessionOutcome::Signaled
+                } else {
+                    SessionOutcome::Exited
+                });
+            }
+            Some(Event::Failed(_)) => m.session_ended(SessionOutcome::Failed),
+            Some(Event::Started(_)) => {
+                m.sessions_active.inc();
+            }
+            None => {}
+        }
+    }
+
+    async fn handle(
+        &self,
+        msg: proto::GatewayMessage,
+        channel: &Channel,
+        tx: &mpsc::Sender<SupervisorMessage>,
+    ) -> Option<HandleEnd> {
+        use gateway_message::Msg;
+        match msg.msg? {
+            Msg::Heartbeat(_) | Msg::Accepted(_) => {}
+            Msg::OpenSession(open) => {
+                let spec = open.spec.unwrap_or_default();
+                let event = match self.sessions.open(&open.session_id, &spec) {
+                    Ok(session) => {
+                        stream::attach(
+                            channel.clone(),
+                            self.creds.clone(),
+                            session.clone(),
+                            0,
+                            0,
+                            self.telemetry.clone(),
+                        );
+                        proto::session_event::Event::Started(proto::Started { pid: session.pid })
+                    }
+                    Err(e) => {
+                        tracing::info!(event = "session.failed", session_id = %open.session_id, code = ?e.code(), error = %e, "session could not be started");
+                        proto::session_event::Event::Failed(e.to_proto())
+                    }
+                };
+                let ev = proto::SessionEvent {
+                    session_id: open.session_id,
+                    event: Some(event),
+                };
+                self.count_outcome(&ev);
+                let _ = tx
+                    .send(SupervisorMessage {
+                        msg: Some(supervisor_message::Msg::SessionEvent(ev)),
+                    })
+                    .await;
+            }
+            Msg::AttachSession(a) => {
+                match self.sessions.get(&a.session_id) {
+                    Some(session) => {
+                        stream::attach(
+                            channel.clone(),
+                            self.creds.clone(),
+                            session,
+                            a.stdout_offset,
+                            a.stderr_offset,
+                            self.telemetry.clone(),
+                        );
+                    }
+                    None => {
+                        let err = proto::Error { code: proto::ErrorCode::NotFound as i32, message: format!("unknown session id '{}': it was never opened or was already forgotten", a.session_id) };
+                        let ev = proto::SessionEvent {
+                            session_id: a.session_id,
+                            event: Some(proto::session_event::Event::Failed(err)),
+                        };
+                        let _ = tx
+                            .send(SupervisorMessage {
+                                msg: Some(supervisor_message::Msg::SessionEvent(ev)),
+                            })
+                            .await;
+                    }
+                }
+            }
+            Msg::ForgetSession(f) => {
+                if !self.sessions.forget(&f.session_id) {
+                    tracing::debug!(event = "session.forget_unknown", session_id = %f.session_id, "forget for an unknown session");
+                }
+            }
+            Msg::Release(r) => {
+                let grace = (r.grace_ms > 0).then(|| Duration::from_millis(u64::from(r.grace_ms)));
+                return Some(HandleEnd::Release {
+                    reason: r.reason,
+                    grace,
+                });
+            }
+        }
+        None
+    }
+}
+
+enum HandleEnd {
+    Release {
+        reason: String,
+        grace: Option<Duration>,
+    },
+}
+
+/// Sends a report on a fresh control stream (when the release did not come through the
+/// relay: a signal or a revoked claim). Best effort, bounded.
+pub async fn report_fresh(
+    endpoint: &GatewayEndpoint,
+    creds: &SandboxCredentials,
+    hello: proto::Hello,
+    report: proto::ReleaseReport,
+) -> bool {
+    let fut = async {
+        let ch = endpoint.channel().ok()?;
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(SupervisorMessage {
+            msg: Some(supervisor_message::Msg::Hello(hello)),
+        })
+        .await
+        .ok()?;
+        let req = authed(ReceiverStream::new(rx), &creds.token()).ok()?;
+        let mut down = channel::client(ch).connect(req).await.ok()?.into_inner();
+        let _accepted = down.message().await.ok()??;
+        tx.send(SupervisorMessage {
+            msg: Some(supervisor_message::Msg::ReleaseReport(report)),
+        })
+        .await
+        .ok()?;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        Some(())
+    };
+    tokio::time::timeout(Duration::from_secs(3), fut)
+        .await
+        .ok()
+        .flatten()
+        .is_some()
+}
