@@ -8,6 +8,13 @@ pub mod proto {
     tonic::include_proto!("sandbox.supervisor.v1");
 }
 
+pub mod config;
+pub mod exec;
 pub mod gateway;
 pub mod identity;
+pub mod lifecycle;
+pub mod local;
+pub mod pid1;
+pub mod relay;
+pub mod telemetry;
 pub mod workspace;

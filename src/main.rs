@@ -1,1 +1,79 @@
-fn main() {}
+//! The thin binary: parse, set up PID-1 duties before any thread exists, run.
+
+use clap::Parser;
+use sandbox_supervisor::config::{Cli, Command, LogFormat, ProbeKind};
+use sandbox_supervisor::lifecycle::exit;
+use sandbox_supervisor::telemetry::logs;
+use std::io::IsTerminal;
+
+fn main() {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { exit::CONFIG } else { 0 };
+            let _ = e.print();
+            std::process::exit(code);
+        }
+    };
+    let code = match cli.command {
+        Command::Version => {
+            println!("sandbox-supervisor {}", sandbox_supervisor::config::VERSION);
+            0
+        }
+        Command::Probe(p) => {
+            let path = match p.which {
+                ProbeKind::Live => "/livez",
+                ProbeKind::Ready => "/readyz",
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            match rt.block_on(sandbox_supervisor::telemetry::probe(
+                p.addr, path, p.timeout,
+            )) {
+                Ok(line) => {
+                    println!("{line}");
+                    0
+                }
+                Err(e) => {
+                    eprintln!("probe failed: {e}");
+                    1
+                }
+            }
+        }
+        Command::Local(args) => sandbox_supervisor::local::main(args),
+        Command::Run(cfg) => {
+            // Block signals and become subreaper before the runtime creates threads.
+            let pid1 = match sandbox_supervisor::pid1::prepare() {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("sandbox-supervisor: {e}");
+                    std::process::exit(exit::FATAL);
+                }
+            };
+            let format = match cfg.log_format {
+                LogFormat::Json => logs::Format::Json,
+                LogFormat::Text => logs::Format::Text,
+                LogFormat::Auto if std::io::stderr().is_terminal() => logs::Format::Text,
+                LogFormat::Auto => logs::Format::Json,
+            };
+            if let Err(e) = logs::init(format, &cfg.log_level) {
+                eprintln!("sandbox-supervisor: {e}");
+                std::process::exit(exit::CONFIG);
+            }
+            if let Err(e) = cfg.validate() {
+                tracing::error!(event = "config.invalid", error = %e, "{e}");
+                std::process::exit(exit::CONFIG);
+            }
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .max_blocking_threads(8)
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            rt.block_on(sandbox_supervisor::lifecycle::run_command(*cfg, pid1))
+        }
+    };
+    std::process::exit(code);
+}

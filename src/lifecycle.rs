@@ -1,0 +1,541 @@
+//! The lifecycle state machine, top to bottom:
+//!
+//! ```text
+//! boot ─▶ seeding ─▶ warm ─(claim)─▶ binding ─▶ bound ─(release)─▶ releasing ─▶ released (exit 0)
+//!   │                  │                                                   
+//!   └──────────────────┴──▶ refused (tombstone, foreign binding, tampered state: exit 65)
+//! ```
+//!
+//! Every transition is logged as `lifecycle.transition` with from/to/reason. The only
+//! durable state is in the workspace volume's records (written by `workspace`): the
+//! seed record, the binding record (durable before any session), and the tombstone.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::config::RunConfig;
+use crate::exec::{ExecConfig, ExecPolicy, Sessions};
+use crate::identity::{
+    ClaimOutcome, Exchange, PodFacts, ProjectedToken, SandboxCredentials, SecretToken,
+};
+use crate::pid1::{self, Reaper, SignalIntake};
+use crate::proto;
+use crate::relay::{self, GatewayEndpoint, Relay, RelayEnd};
+use crate::telemetry::{self, logs, Telemetry};
+use crate::workspace::{self, BootState, Owner, SeedSource, TombstonePhase, Volume, VolumeConfig};
+
+/// Documented exit codes (README "Exit codes").
+pub mod exit {
+    /// Released: the workload was killed, the workspace wiped.
+    pub const RELEASED: i32 = 0;
+    /// A flag or variable is invalid (EX_USAGE).
+    pub const CONFIG: i32 = 64;
+    /// Refused to run: tombstone, foreign binding, tampered or corrupt records.
+    pub const REFUSED: i32 = 65;
+    /// Anything else that stopped the supervisor (EX_SOFTWARE).
+    pub const FATAL: i32 = 70;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Boot,
+    Seeding,
+    Warm,
+    Binding,
+    Bound,
+    Releasing,
+    Released,
+    Refused,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Boot => "boot",
+            State::Seeding => "seeding",
+            State::Warm => "warm",
+            State::Binding => "binding",
+            State::Bound => "bound",
+            State::Releasing => "releasing",
+            State::Released => "released",
+            State::Refused => "refused",
+        }
+    }
+}
+
+/// Why the workload is being released.
+#[derive(Debug)]
+enum ReleaseCause {
+    Gateway {
+        reason: String,
+        grace: Option<Duration>,
+        reporter: Box<relay::Reporter>,
+    },
+    Signal(i32),
+    ClaimGone(String),
+}
+
+struct Machine {
+    cfg: RunConfig,
+    state: State,
+    telemetry: Arc<Telemetry>,
+    reaper: Reaper,
+    signals: SignalIntake,
+    instance_id: String,
+    pod: PodFacts,
+}
+
+impl Machine {
+    fn transition(&mut self, to: State, reason: &str) {
+        tracing::info!(
+            event = "lifecycle.transition",
+            from = self.state.as_str(),
+            to = to.as_str(),
+            reason,
+            "{} -> {}",
+            self.state.as_str(),
+            to.as_str()
+        );
+        self.state = to;
+        self.telemetry.set_state(to.as_str());
+        if matches!(
+            to,
+            State::Seeding | State::Binding | State::Releasing | State::Released | State::Refused
+        ) {
+            self.telemetry.set_ready(false);
+        }
+        if to == State::Bound {
+            self.telemetry.set_ready(true);
+        }
+    }
+
+    fn refuse(&mut self, reason: &str, detail: &str) -> i32 {
+        tracing::error!(
+            event = "reuse.refused",
+            reason,
+            detail,
+            "refusing to run: {detail}"
+        );
+        self.transition(State::Refused, reason);
+        exit::REFUSED
+    }
+}
+
+/// Runs the supervisor until it is released (or refuses). Returns the exit code.
+pub async fn run(
+    cfg: RunConfig,
+    reaper: Reaper,
+    signals: SignalIntake,
+    telemetry: Arc<Telemetry>,
+) -> i32 {
+    let pod = PodFacts {
+        namespace: cfg.pod_namespace.clone(),
+        name: cfg.pod_name.clone(),
+        uid: cfg.pod_uid.clone(),
+    };
+    let instance_id = random_id();
+    logs::set_context("instance_id", instance_id.clone());
+    if !pod.uid.is_empty() {
+        logs::set_context("pod_uid", pod.uid.clone());
+    }
+    let mut m = Machine {
+        cfg,
+        state: State::Boot,
+        telemetry,
+        reaper,
+        signals,
+        instance_id,
+        pod,
+    };
+    m.telemetry.set_state("boot");
+    tracing::info!(
+        event = "supervisor.started",
+        version = crate::config::VERSION,
+        mode = m.reaper.mode().as_str(),
+        pid = std::process::id(),
+        "sandbox-supervisor starting"
+    );
+
+    // ── boot: the volume, its records, and what this boot may do ────────────────────
+    let privileged = nix::unistd::geteuid().is_root();
+    let Some(sandbox_user) = crate::exec::lookup_user(&m.cfg.passwd, &m.cfg.sandbox_user) else {
+        tracing::error!(event = "config.invalid", option = "sandbox-user", value = %m.cfg.sandbox_user, "--sandbox-user {:?} is not in {}: add the user to the image", m.cfg.sandbox_user, m.cfg.passwd.display());
+        return exit::CONFIG;
+    };
+    let owner = if privileged {
+        Owner {
+            uid: sandbox_user.uid,
+            gid: sandbox_user.gid,
+        }
+    } else {
+        own_ids()
+    };
+    let volume_cfg = VolumeConfig {
+        root: m.cfg.volume.clone(),
+        owner,
+        privileged,
+    };
+    let volume = match Volume::open(&volume_cfg) {
+        Ok((v, caveats)) => {
+            for c in caveats {
+                tracing::warn!(event = "workspace.unprivileged", caveat = %c, "guarantee not given: {c}");
+            }
+            Arc::new(v)
+        }
+        Err(e) => return m.refuse("layout", &e.to_string()),
+    };
+    let boot = match volume.boot_state(non_empty(&m.pod.uid)) {
+        Ok(b) => b,
+        Err(refusal) => return m.refuse(refusal.reason.as_str(), &refusal.to_string()),
+    };
+    let (seed_record, resume) = match boot {
+        BootState::ReleasedNotWiped(_) => {
+            // A crash between the tombstone and the end of the wipe: finish the wipe,
+            // then refuse — this pod already served a tenant.
+            m.transition(State::Releasing, "finishing an interrupted wipe");
+            let report = wipe(&volume, &m.telemetry).await;
+            if report.error.is_empty() {
+                let _ = volume.write_tombstone(TombstonePhase::Wiped, non_empty(&m.pod.uid));
+            }
+            return m.refuse(
+                "tombstone",
+                "this pod was released before; its interrupted wipe has now been finished",
+            );
+        }
+        BootState::Fresh => (None, None),
+        BootState::Seeded(seed) => (Some(seed), None),
+        BootState::Bound { seed, binding } => (seed, Some(binding)),
+    };
+
+    // ── seeding: once, before any tenant exists ──────────────────────────────────────
+    let seed_record = match seed_record {
+        Some(s) => {
+            tracing::info!(event = "seed.skipped", digest = %s.digest, "workspace already seeded");
+            s
+        }
+        None => {
+            m.transition(State::Seeding, "no seed record");
+            let started = Instant::now();
+            match volume.seed(&seed_source(&m.cfg)).await {
+                Ok(s) => {
+                    m.telemetry
+                        .metrics
+                        .seed_duration_seconds
+                        .set(started.elapsed().as_secs_f64());
+                    s
+                }
+                Err(e) => {
+                    tracing::error!(event = "seed.failed", error = %e, "seeding failed");
+                    return exit::FATAL;
+                }
+            }
+        }
+    };
+
+    // ── warm: parked at the gateway, holding no tenant identity ─────────────────────
+    let endpoint = GatewayEndpoint {
+        url: m.cfg.gateway.clone(),
+        ca: m.cfg.gateway_ca.clone(),
+        server_name: m.cfg.gateway_server_name.clone(),
+        client_cert: m.cfg.client_cert.clone(),
+        client_key: m.cfg.client_key.clone(),
+    };
+    let channel = match endpoint.channel() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(event = "config.invalid", option = "gateway", error = %e, "{e}");
+            return exit::CONFIG;
+        }
+    };
+    let exchange = Exchange {
+        channel: channel.clone(),
+        projected: ProjectedToken::new(&m.cfg.token_path),
+        pod: m.pod.clone(),
+        instance_id: m.instance_id.clone(),
+        seed: Some(proto::SeedInfo {
+            digest: seed_record.digest.clone(),
+            files: seed_record.files,
+            bytes: seed_record.bytes,
+        }),
+        hint_path: m.cfg.annotations_path.clone(),
+        hint_key: m.cfg.claim_annotation.clone(),
+        telemetry: m.telemetry.clone(),
+    };
+    let resume_proto = resume.as_ref().map(binding_to_proto);
+    m.transition(
+        State::Warm,
+        if resume.is_some() {
+            "resuming a binding after restart"
+        } else {
+            "seeded"
+        },
+    );
+    let activation = tokio::select! {
+        outcome = exchange.await_claim(resume_proto.clone()) => match outcome {
+            ClaimOutcome::Activated(a) => a,
+            ClaimOutcome::Refused(why) => return m.refuse("claim_conflict", &why),
+        },
+        sig = m.signals.recv() => {
+            // Terminated while warm: no tenant ever ran, nothing to wipe.
+            let reason = format!("signal {} while warm", sig.map(|s| s.signal).unwrap_or(0));
+            m.transition(State::Released, &reason);
+            return exit::RELEASED;
+        }
+    };
+    let activated_at = Instant::now();
+
+    // ── binding: durable record first, then the relay ───────────────────────────────
+    m.transition(State::Binding, "activation received");
+    let binding = workspace::BindingRecord {
+        sandbox_id: activation.sandbox_id.clone(),
+        claim_uid: activation.claim_uid.clone(),
+        pod_uid: activation.pod_uid.clone(),
+        instance_id: resume
+            .as_ref()
+            .map(|r| r.instance_id.clone())
+            .unwrap_or_else(|| m.instance_id.clone()),
+        bound_at_ms: resume
+            .as_ref()
+            .map(|r| r.bound_at_ms)
+            .unwrap_or_else(now_ms),
+    };
+    if resume.is_none() {
+        if let Err(e) = volume.write_binding(&binding) {
+            tracing::error!(event = "identity.bind_failed", error = %e, "cannot write the binding record; refusing to serve without it");
+            return exit::FATAL;
+        }
+    }
+    logs::set_context("sandbox_id", binding.sandbox_id.clone());
+    logs::set_context("claim_uid", binding.claim_uid.clone());
+    logs::set_context("pod_uid", binding.pod_uid.clone());
+    let token = SecretToken::new(activation.token.clone());
+    tracing::info!(event = "identity.bound", token = %token, expires_in_ms = crate::identity::lifetime_from(activation.token_expires_at_ms).as_millis() as u64, resumed = resume.is_some(), "bound to claim");
+    let creds = SandboxCredentials::new(token, activation.token_expires_at_ms);
+
+    let policy = ExecPolicy {
+        workspace: volume.workspace_dir(),
+        default_user: if privileged {
+            sandbox_user
+        } else {
+            crate::exec::lookup_user(&m.cfg.passwd, &own_ids().uid.to_string())
+                .unwrap_or(sandbox_user)
+        },
+        allow_root: m.cfg.allow_root_sessions,
+        privileged,
+        passwd: m.cfg.passwd.clone(),
+    };
+    let exec_cfg = ExecConfig {
+        policy,
+        buffer_capacity: m.cfg.session_buffer,
+        max_sessions: m.cfg.max_sessions as usize,
+        drain_timeout: m.cfg.drain_timeout,
+        default_kill_grace: m.cfg.kill_grace,
+    };
+    let (sessions, session_events) = Sessions::new(exec_cfg, m.reaper.clone());
+    let hello = proto::Hello {
+        sandbox_id: binding.sandbox_id.clone(),
+        claim_uid: binding.claim_uid.clone(),
+        instance_id: m.instance_id.clone(),
+        sessions: vec![],
+    };
+    let relay = Relay {
+        endpoint: endpoint.clone(),
+        channel: Some(channel),
+        creds: creds.clone(),
+        sessions: sessions.clone(),
+        telemetry: m.telemetry.clone(),
+        hello: hello.clone(),
+    };
+    let (accepted_tx, accepted_rx) = tokio::sync::oneshot::channel();
+    let relay_task = tokio::spawn(relay.run(session_events, accepted_tx));
+    let refresh = exchange.refresh_until_gone(creds.clone(), binding_to_proto(&binding));
+    tokio::pin!(refresh, relay_task);
+
+    // ── bound: serving sessions until released ───────────────────────────────────────
+    let mut accepted_rx = Some(accepted_rx);
+    let cause = loop {
+        tokio::select! {
+            ok = async { accepted_rx.as_mut().expect("guarded").await }, if accepted_rx.is_some() => {
+                accepted_rx = None;
+                if ok.is_ok() {
+                    m.telemetry.metrics.observe_bind(activated_at.elapsed());
+                    tracing::info!(event = "identity.relay_accepted", bind_us = activated_at.elapsed().as_micros() as u64, "relay accepted; serving sessions");
+                    m.transition(State::Bound, "relay accepted");
+                }
+            }
+            end = &mut relay_task => break match end {
+                Ok(RelayEnd::Release { reason, grace, reporter }) => ReleaseCause::Gateway { reason, grace, reporter },
+                Ok(RelayEnd::ClaimGone(why)) => ReleaseCause::ClaimGone(why),
+                Err(e) => ReleaseCause::ClaimGone(format!("relay task failed: {e}")),
+            },
+            why = &mut refresh => break ReleaseCause::ClaimGone(why),
+            sig = m.signals.recv() => break ReleaseCause::Signal(sig.map(|s| s.signal).unwrap_or(libc::SIGTERM)),
+        }
+    };
+
+    // ── releasing: stop, kill, tombstone, wipe, report ──────────────────────────────
+    let (reason, grace, reporter) = match cause {
+        ReleaseCause::Gateway {
+            reason,
+            grace,
+            reporter,
+        } => (format!("gateway: {reason}"), grace, Some(reporter)),
+        ReleaseCause::Signal(s) => (format!("signal {s}"), None, None),
+        ReleaseCause::ClaimGone(why) => (why, None, None),
+    };
+    m.transition(State::Releasing, &reason);
+    let started = Instant::now();
+    sessions.stop_accepting();
+    let grace = grace.unwrap_or(m.cfg.release_grace);
+    let (killed, all_gone) = pid1::kill_workload(&m.reaper, grace).await;
+    tracing::info!(
+        event = "release.killed",
+        processes = killed,
+        all_gone,
+        "workload stopped"
+    );
+    if let Err(e) = volume.write_tombstone(TombstonePhase::Released, non_empty(&binding.pod_uid)) {
+        tracing::error!(event = "release.tombstone_failed", error = %e, "cannot write the tombstone");
+        return exit::FATAL;
+    }
+    let mut report = wipe(&volume, &m.telemetry).await;
+    report.processes_killed = killed;
+    report.duration_ms = started.elapsed().as_millis() as u64;
+    if report.error.is_empty() {
+        if let Err(e) = volume.write_tombstone(TombstonePhase::Wiped, non_empty(&binding.pod_uid)) {
+            report.error = format!("cannot mark the tombstone wiped: {e}");
+        }
+    }
+    let delivered = match reporter {
+        Some(r) => r.send(report.clone()).await,
+        None => relay::report_fresh(&endpoint, &creds, hello, report.clone()).await,
+    };
+    tracing::info!(event = "release.reported", delivered, files = report.files_removed, bytes = report.bytes_removed, error = %report.error, "release report");
+    m.transition(State::Released, &reason);
+    if report.error.is_empty() {
+        exit::RELEASED
+    } else {
+        exit::FATAL
+    }
+}
+
+async fn wipe(volume: &Arc<Volume>, telemetry: &Telemetry) -> proto::ReleaseReport {
+    let v = volume.clone();
+    let result = tokio::task::spawn_blocking(move || v.wipe()).await;
+    let mut report = proto::ReleaseReport::default();
+    match result {
+        Ok(Ok(w)) => {
+            telemetry
+                .metrics
+                .wipe_duration_seconds
+                .set(w.duration_ms as f64 / 1000.0);
+            tracing::info!(
+                event = "wipe.completed",
+                files = w.files_removed,
+                bytes = w.bytes_removed,
+                skipped_mounts = w.skipped_mounts.len(),
+                duration_ms = w.duration_ms,
+                "workspace wiped"
+            );
+            report.files_removed = w.files_removed;
+            report.bytes_removed = w.bytes_removed;
+            report.skipped_mounts = w.skipped_mounts.clone();
+            if !w.fully_wiped {
+                report.error = format!("not everything could be removed: {:?}", w.skipped);
+            }
+        }
+        Ok(Err(e)) => {
+            tracing::error!(event = "wipe.failed", error = %e, "wipe failed");
+            report.error = e.to_string();
+        }
+        Err(e) => report.error = format!("wipe task failed: {e}"),
+    }
+    report
+}
+
+fn seed_source(cfg: &RunConfig) -> SeedSource {
+    if let Some(url) = &cfg.seed_url {
+        SeedSource::Url {
+            url: url.clone(),
+            sha256: cfg.seed_sha256.clone().unwrap_or_default(),
+            ca_file: cfg.seed_ca.clone(),
+        }
+    } else if let Some(a) = &cfg.seed_archive {
+        SeedSource::Archive(a.clone())
+    } else if cfg.seed_dir.exists() {
+        SeedSource::Directory(cfg.seed_dir.clone())
+    } else {
+        tracing::info!(event = "seed.none", dir = %cfg.seed_dir.display(), "no seed directory; starting with an empty workspace");
+        SeedSource::None
+    }
+}
+
+fn binding_to_proto(b: &workspace::BindingRecord) -> proto::BindingRecord {
+    proto::BindingRecord {
+        sandbox_id: b.sandbox_id.clone(),
+        claim_uid: b.claim_uid.clone(),
+        pod_uid: b.pod_uid.clone(),
+        instance_id: b.instance_id.clone(),
+        bound_at_ms: b.bound_at_ms,
+    }
+}
+
+fn non_empty(s: &str) -> Option<&str> {
+    (!s.is_empty()).then_some(s)
+}
+
+fn own_ids() -> Owner {
+    Owner {
+        uid: nix::unistd::geteuid().as_raw(),
+        gid: nix::unistd::getegid().as_raw(),
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as i64
+}
+
+fn random_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+/// The `run` command: validated config in, exit code out.
+pub async fn run_command(cfg: RunConfig, pid1: pid1::Pid1) -> i32 {
+    let telemetry = Telemetry::new();
+    let mode = pid1.mode();
+    let (reaper, signals) = match pid1.start() {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::error!(event = "pid1.failed", error = %e, "cannot start the reaper");
+            return exit::FATAL;
+        }
+    };
+    if mode == pid1::Mode::Subreaper {
+        tracing::info!(
+            event = "pid1.subreaper",
+            pid = std::process::id(),
+            "not PID 1: running as a child subreaper; only our descendants are workload"
+        );
+    }
+    if cfg.gateway.starts_with("http://") {
+        tracing::warn!(event = "relay.plaintext", gateway = %cfg.gateway, "gateway connection is NOT encrypted (--allow-plaintext)");
+    }
+    if let Some(addr) = cfg.listen_probes.0 {
+        let t = telemetry.clone();
+        let r = reaper.clone();
+        let refresh = Arc::new(move || t.metrics.sync_reaped(r.reaped_total()));
+        match telemetry::serve(addr, telemetry.clone(), refresh).await {
+            Ok(bound) => {
+                tracing::info!(event = "telemetry.listening", addr = %bound, "probes and metrics listening")
+            }
+            Err(e) => {
+                tracing::error!(event = "config.invalid", option = "listen-probes", addr = %addr, error = %e, "cannot listen for probes on {addr}: {e}");
+                return exit::CONFIG;
+            }
+        }
+    }
+    run(cfg, reaper, signals, telemetry).await
+}
