@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The project's test command (README, second command). Installs what the tests need on
+# a fresh machine, then runs every check CI runs: format, lints, unit and integration
+# tests (real binary as PID 1, real gRPC relay, reference gateway), manifest validation.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v unshare >/dev/null || need_apt+=(util-linux)
+command -v readelf >/dev/null || need_apt+=(binutils)
+if [ "${#need_apt[@]}" -gt 0 ] && [ "$(id -u)" = 0 ]; then
+  echo "test.sh: installing ${need_apt[*]}"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+fi
+if ! python3 -c 'import jsonschema, yaml, pytest' 2>/dev/null; then
+  echo "test.sh: installing Python test dependencies"
+  python3 -m pip install --quiet --disable-pip-version-check -r tests/manifests/requirements.txt
+fi
+
+echo "== cargo fmt --check"
+cargo fmt --check
+echo "== cargo clippy"
+cargo clippy --locked --all-targets -- -D warnings
+echo "== cargo test"
+cargo test --locked -- --test-threads="${TEST_THREADS:-2}"
+echo "== manifests"
+python3 -m pytest tests/manifests -q
