@@ -40,7 +40,9 @@ pub enum LogFormat {
     Text,
 }
 
+/// A later flag overrides an earlier one, so wrappers can append overrides.
 #[derive(Debug, Clone, Args)]
+#[command(args_override_self = true)]
 pub struct RunConfig {
     /// Volume root holding workspace/ and .supervisor/.
     #[arg(long, env = "SANDBOX_SUPERVISOR_VOLUME", default_value = "/sandbox")]

@@ -1,7 +1,7 @@
 //! Shared harness for integration tests: the real `sandbox-supervisor` binary (as PID 1
 //! of a new PID namespace when root, via `unshare`), the reference gateway over TLS,
 //! a kubelet-like projected token, and the supervisor's logs captured to a file.
-#![allow(dead_code)]
+#![allow(dead_code, unused_macros, unused_imports)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -1,0 +1,341 @@
+//! The supervisor's DESIGN §8 figures, each beside a baseline measured in the same run
+//! on the same machine (medians and p99 over repeated runs, ratios).
+//!
+//! ```text
+//! scripts/bench.sh            # or: cargo bench --bench supervisor [-- --quick]
+//! ```
+//!
+//! Drives the release build of the real binary (as PID 1 of a PID namespace when root)
+//! through the real relay against the reference gateway, like the integration tests:
+//! this file reuses their harness. Seed and wipe figures come from
+//! `examples/workspace_bench.rs` (scripts/bench.sh runs both).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::*;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+struct Row {
+    what: String,
+    baseline: String,
+    ours: String,
+    ratio: String,
+    target: String,
+    verdict: &'static str,
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+fn ms(d: f64) -> String {
+    format!("{:.3} ms", d * 1e3)
+}
+
+fn rss_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let rows = rt.block_on(run(quick));
+    println!("\n| figure | baseline (same run) | sandbox-supervisor | ratio | target | |");
+    println!("| --- | --- | --- | --- | --- | --- |");
+    for r in rows {
+        println!(
+            "| {} | {} | {} | {} | {} | {} |",
+            r.what, r.baseline, r.ours, r.ratio, r.target, r.verdict
+        );
+    }
+}
+
+async fn run(quick: bool) -> Vec<Row> {
+    let launch = if can_unshare() {
+        Launch::Pid1
+    } else {
+        Launch::Subreaper
+    };
+    eprintln!("bench: launch={launch:?} quick={quick} binary={BIN}");
+    let mut rows = vec![];
+    rows.push(bind(launch, if quick { 5 } else { 20 }).await);
+    rows.push(idle_rss(launch).await);
+    let env = Env::new("bench").await;
+    let (sup, sandbox) = env.bound_with(launch, &["--max-sessions", "2000"]).await;
+    rows.push(exec_rtt(&sandbox, if quick { 50 } else { 300 }).await);
+    let gib = if quick { 256 } else { 1024 };
+    rows.push(throughput(&sandbox, gib, "TLS").await);
+    rows.push(concurrent(&sandbox, sup.host_pid(), if quick { 200 } else { 1000 }).await);
+    rows.push(orphans(&sandbox, sup.host_pid(), if quick { 1000 } else { 10_000 }).await);
+    drop(sup);
+    let plain = Env::with(
+        "benchplain",
+        Options {
+            tls: false,
+            ..Options::default()
+        },
+    )
+    .await;
+    let (_sup2, sandbox2) = plain.bound(launch).await;
+    rows.push(throughput(&sandbox2, gib, "plaintext").await);
+    rows
+}
+
+/// Activation received → relay accepted, from the supervisor's own measurement.
+async fn bind(launch: Launch, n: usize) -> Row {
+    let mut samples = vec![];
+    for _ in 0..n {
+        let env = Env::new("benchbind").await;
+        let (sup, _sandbox) = env.bound(launch).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if let Some(us) = sup
+            .events()
+            .iter()
+            .find(|e| e["event"] == "identity.relay_accepted")
+            .and_then(|e| e["bind_us"].as_f64())
+        {
+            samples.push(us / 1e6);
+        }
+    }
+    let (p50, p99) = (pct(&mut samples, 0.5), pct(&mut samples, 0.99));
+    Row {
+        what: format!("activation → bound (n={})", samples.len()),
+        baseline: "—".into(),
+        ours: format!("p50 {} / p99 {}", ms(p50), ms(p99)),
+        ratio: "—".into(),
+        target: "p50 ≤ 2 ms".into(),
+        verdict: if p50 <= 0.002 { "met" } else { "not met" },
+    }
+}
+
+async fn idle_rss(launch: Launch) -> Row {
+    let env = Env::new("benchidle").await;
+    let mut sup = env.spawn(launch, &[]);
+    env.gateway
+        .wait_parked(&env.pod.pod_name, Duration::from_secs(30))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let ours = rss_kib(sup.host_pid(), "VmRSS:");
+    sup.kill();
+    let mut tini = Command::new("tini")
+        .args(["-s", "--", "sleep", "30"])
+        .spawn();
+    let base = match &mut tini {
+        Ok(child) => {
+            std::thread::sleep(Duration::from_millis(500));
+            let v = rss_kib(child.id(), "VmRSS:");
+            let _ = child.kill();
+            let _ = child.wait();
+            Some(v)
+        }
+        Err(_) => None,
+    };
+    let size = std::fs::metadata(BIN).map(|m| m.len()).unwrap_or(0);
+    Row {
+        what: format!("idle warm RSS (binary {:.1} MiB)", size as f64 / 1048576.0),
+        baseline: base
+            .map(|b| format!("tini {b} KiB"))
+            .unwrap_or_else(|| "tini not installed".into()),
+        ours: format!("{ours} KiB"),
+        ratio: base
+            .map(|b| format!("{:.1}×", ours as f64 / b as f64))
+            .unwrap_or_else(|| "—".into()),
+        target: "RSS ≤ 4 MiB; binary ≤ 8 MiB".into(),
+        verdict: if ours <= 4096 && size <= 8 << 20 {
+            "met"
+        } else {
+            "not met"
+        },
+    }
+}
+
+/// `/bin/true` through the relay vs a local spawn+wait, sequentially.
+async fn exec_rtt(sandbox: &sandbox_supervisor::gateway::Sandbox, n: usize) -> Row {
+    let mut relay = vec![];
+    for _ in 0..n {
+        let t = Instant::now();
+        let out = sandbox
+            .exec(spec(&["/bin/true"]))
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(out.exit.status, 0);
+        relay.push(t.elapsed().as_secs_f64());
+    }
+    let mut local = vec![];
+    for _ in 0..n {
+        let t = Instant::now();
+        Command::new("/bin/true").status().unwrap();
+        local.push(t.elapsed().as_secs_f64());
+    }
+    let (r50, l50) = (pct(&mut relay, 0.5), pct(&mut local, 0.5));
+    let (r99, l99) = (pct(&mut relay, 0.99), pct(&mut local, 0.99));
+    let overhead = r50 - l50;
+    Row {
+        what: format!("exec round trip of /bin/true (n={n})"),
+        baseline: format!("local spawn+wait p50 {} / p99 {}", ms(l50), ms(l99)),
+        ours: format!("p50 {} / p99 {}", ms(r50), ms(r99)),
+        ratio: format!("overhead p50 {}", ms(overhead)),
+        target: "overhead p50 ≤ 0.5 ms".into(),
+        verdict: if overhead <= 0.0005 { "met" } else { "not met" },
+    }
+}
+
+/// One session streaming `mib` MiB of stdout vs a local pipe of the same bytes.
+async fn throughput(sandbox: &sandbox_supervisor::gateway::Sandbox, mib: u64, label: &str) -> Row {
+    let bytes = mib << 20;
+    let t = Instant::now();
+    let mut exec = sandbox
+        .exec(spec(&["head", "-c", &bytes.to_string(), "/dev/zero"]))
+        .await
+        .unwrap();
+    let mut got = 0u64;
+    while let Some(ev) = exec.next().await {
+        match ev {
+            sandbox_supervisor::gateway::ExecEvent::Stdout(b) => got += b.len() as u64,
+            sandbox_supervisor::gateway::ExecEvent::Stderr(_) => {}
+            sandbox_supervisor::gateway::ExecEvent::Exited(_) => break,
+        }
+    }
+    let ours = got as f64 / t.elapsed().as_secs_f64();
+    assert_eq!(got, bytes);
+    let t = Instant::now();
+    let st = Command::new("sh")
+        .args([
+            "-c",
+            &format!("head -c {bytes} /dev/zero | cat > /dev/null"),
+        ])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let base = bytes as f64 / t.elapsed().as_secs_f64();
+    let gibs = |v: f64| format!("{:.2} GiB/s", v / (1u64 << 30) as f64);
+    Row {
+        what: format!("stdout through one session, {label} ({mib} MiB)"),
+        baseline: format!("local pipe {}", gibs(base)),
+        ours: gibs(ours),
+        ratio: format!("{:.0}% of the pipe", 100.0 * ours / base),
+        target: "≥ 1 GiB/s plaintext, ≥ 50 % of the pipe".into(),
+        verdict: if ours / base >= 0.5 && (label != "plaintext" || ours >= (1u64 << 30) as f64) {
+            "met"
+        } else {
+            "not met"
+        },
+    }
+}
+
+/// `n` sessions live at once on one connection, each output verified.
+async fn concurrent(sandbox: &sandbox_supervisor::gateway::Sandbox, pid: u32, n: usize) -> Row {
+    let t = Instant::now();
+    let mut execs = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut s = sh(&format!("read _ ; echo session-{i}"));
+        s.stdin = true;
+        execs.push(
+            sandbox
+                .exec(s)
+                .await
+                .unwrap_or_else(|e| panic!("session {i}: {e}")),
+        );
+    }
+    let started = t.elapsed();
+    let rss = rss_kib(pid, "VmRSS:");
+    for e in &execs {
+        e.write_stdin(bytes::Bytes::from_static(b"go\n"))
+            .await
+            .unwrap();
+    }
+    let mut handles = vec![];
+    for (i, e) in execs.into_iter().enumerate() {
+        handles.push(tokio::spawn(async move {
+            let out = e.collect().await.unwrap();
+            assert_eq!(out.stdout, format!("session-{i}\n").into_bytes());
+        }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    let hwm = rss_kib(pid, "VmHWM:");
+    Row {
+        what: format!("{n} concurrent sessions on one connection"),
+        baseline: "—".into(),
+        ours: format!(
+            "all live after {:.2} s, all verified after {:.2} s; RSS {} KiB (peak {} KiB)",
+            started.as_secs_f64(),
+            t.elapsed().as_secs_f64(),
+            rss,
+            hwm
+        ),
+        ratio: "—".into(),
+        target: "1,000 live, RSS ≤ 64 MiB".into(),
+        verdict: if n >= 1000 && hwm <= 64 * 1024 {
+            "met"
+        } else if n < 1000 {
+            "quick run"
+        } else {
+            "not met"
+        },
+    }
+}
+
+/// `n` orphans blocked on a FIFO, released at once: time until every one is reaped.
+async fn orphans(sandbox: &sandbox_supervisor::gateway::Sandbox, pid: u32, n: usize) -> Row {
+    let script = format!("rm -f f; mkfifo f; i=0; while [ $i -lt {n} ]; do (cat f >/dev/null &); i=$((i+1)); done; echo forked");
+    let out = sandbox
+        .exec(sh(&script))
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    assert_eq!(out.stdout, b"forked\n");
+    // Wait until all n readers are parked on the FIFO (reparented to the supervisor).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while descendants(pid).len() < n && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let before = descendants(pid).len();
+    let t = Instant::now();
+    // One writer opens and closes the FIFO: every reader gets EOF and exits at once.
+    let _ = sandbox
+        .exec(sh("echo > f"))
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    while !descendants(pid).is_empty() && t.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let took = t.elapsed().as_secs_f64();
+    Row {
+        what: format!("reaping {before} orphans released at once"),
+        baseline: "—".into(),
+        ours: format!("all reaped in {:.3} s", took),
+        ratio: "—".into(),
+        target: "10k reaped within 1 s".into(),
+        verdict: if before >= 10_000 && took <= 1.0 {
+            "met"
+        } else if before < 10_000 {
+            "quick run"
+        } else {
+            "not met"
+        },
+    }
+}

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The benchmark command (BENCHMARKS.md): every DESIGN §8 figure beside a baseline measured
+# in the same run. Installs tini (the idle-RSS baseline) when root and missing, then runs
+# the supervisor bench and the workspace bench (seed vs cp -a, wipe vs rm -rf) in release.
+#   scripts/bench.sh            # full run (a few minutes on 2 cores)
+#   scripts/bench.sh --quick    # smaller sizes, for a smoke check
+set -euo pipefail
+cd "$(dirname "$0")/.."
+quick=()
+[ "${1:-}" = "--quick" ] && quick=(--quick)
+if ! command -v tini >/dev/null && [ "$(id -u)" = 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tini
+fi
+mkdir -p bench-out
+{
+  echo "# machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -r), $(date -u +%F)"
+  cargo bench --locked --bench supervisor -- "${quick[@]}"
+  scratch=$(mktemp -d /var/tmp/ssv-bench-XXXX)
+  if [ "${#quick[@]}" -gt 0 ]; then ws=(--small --runs 2); else ws=(--runs 3); fi
+  cargo run --locked --release --example workspace_bench -- "$scratch" "${ws[@]}"
+  rm -rf "$scratch"
+} 2>bench-out/bench.log | tee bench-out/results.md
+echo "results: bench-out/results.md (logs: bench-out/bench.log)"
