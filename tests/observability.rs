@@ -36,8 +36,11 @@ async fn get(port: u16, path: &str) -> Option<(u16, String)> {
     Some((code, body))
 }
 
-/// Polls /readyz every few ms in the background, recording (state, ready).
-fn watch_readiness(port: u16) -> (Arc<Mutex<Vec<(String, bool)>>>, tokio::task::JoinHandle<()>) {
+/// (state, ready) as seen by each /readyz poll.
+type Seen = Arc<Mutex<Vec<(String, bool)>>>;
+
+/// Polls /readyz every few ms in the background.
+fn watch_readiness(port: u16) -> (Seen, tokio::task::JoinHandle<()>) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let s = seen.clone();
     let task = tokio::spawn(async move {
