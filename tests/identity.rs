@@ -344,3 +344,164 @@ async fn bad_projected_tokens_are_rejected_without_spinning() {
         assert!(!sup.has_event("identity.parked"));
     }
 }
+
+fn iterations(var: &str, default: usize) -> usize {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Push and claim hint race, in both orders and with the push late or absent: every
+/// time exactly one activation is taken, one binding record written, one relay
+/// connected, and sessions run. `SSV_RACE_ITERATIONS` scales it (default 12).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_and_hint_race_binds_exactly_once() {
+    let base = IdEnv::new("race", Setup::default()).await;
+    let n = iterations("SSV_RACE_ITERATIONS", 12);
+    let mut paths = std::collections::BTreeMap::<String, usize>::new();
+    for i in 0..n {
+        let env = base.sibling(&format!("race{i}"));
+        let sup = spawn_with(&env, &[]);
+        env.gateway
+            .wait_parked(&env.pod.pod_name, Duration::from_secs(20))
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", sup.logs()));
+        let claim = random_uid();
+        let jitter = Duration::from_millis(rand::random::<u64>() % 40);
+        let claim_with = |push| {
+            env.gateway.claim_delivered(
+                &env.pod.pod_name,
+                claim_opts(&claim),
+                ClaimDelivery {
+                    push,
+                    ..Default::default()
+                },
+            )
+        };
+        let sandbox = match i % 4 {
+            // Push first, the hint right behind it.
+            0 => {
+                let s = claim_with(Push::Now).await.unwrap();
+                tokio::time::sleep(jitter).await;
+                env.write_hint(&claim);
+                s
+            }
+            // Hint first, the push right behind it.
+            1 => {
+                env.write_hint(&claim);
+                tokio::time::sleep(jitter).await;
+                claim_with(Push::Now).await.unwrap()
+            }
+            // Hint first, the push late: the pull path usually wins.
+            2 => {
+                env.write_hint(&claim);
+                let late = Duration::from_millis(150 + rand::random::<u64>() % 350);
+                claim_with(Push::After(late)).await.unwrap()
+            }
+            // No push at all: only the hint can bind.
+            _ => {
+                let s = claim_with(Push::Never).await.unwrap();
+                tokio::time::sleep(jitter).await;
+                env.write_hint(&claim);
+                s
+            }
+        };
+        env.gateway
+            .wait_connected(sandbox.id(), Duration::from_secs(20))
+            .await
+            .unwrap_or_else(|e| panic!("iteration {i}: {e}\n{}", sup.logs()));
+        let out = sandbox
+            .exec(spec(&["true"]))
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(out.exit.status, 0);
+        // Give a losing path time to (wrongly) bind a second time.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let act = events_named(&sup, "identity.activation");
+        assert_eq!(act.len(), 1, "iteration {i}\n{}", sup.logs());
+        assert_eq!(act[0]["claim_uid"], claim.as_str());
+        *paths
+            .entry(act[0]["path"].as_str().unwrap().to_owned())
+            .or_default() += 1;
+        assert_eq!(events_named(&sup, "identity.bound").len(), 1);
+        assert_eq!(events_named(&sup, "relay.connected").len(), 1);
+        assert!(!sup.has_event("reuse.refused"), "{}", sup.logs());
+        let record = std::fs::read_to_string(env.binding_record()).unwrap();
+        assert!(record.contains(&claim), "{record}");
+    }
+    eprintln!("activation paths over {n} iterations: {paths:?}");
+    if n >= 4 {
+        assert!(
+            paths.contains_key("push") && paths.contains_key("pull"),
+            "{paths:?}"
+        );
+    }
+}
+
+/// Two claims answer (the annotation names one, the gateway activates another), and an
+/// activation naming another pod: both refused with exit 65, nothing bound, no relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflicting_claims_and_foreign_activations_are_refused() {
+    let base = IdEnv::new("conflict", Setup::default()).await;
+    let two_claims = base.sibling("conflict-claims");
+    let foreign = base.sibling("conflict-foreign");
+    let mut a = spawn_with(&two_claims, &[]);
+    let mut b = spawn_with(&foreign, &[]);
+    for env in [&two_claims, &foreign] {
+        env.gateway
+            .wait_parked(&env.pod.pod_name, Duration::from_secs(20))
+            .await
+            .unwrap();
+    }
+
+    // The annotation names claim A first; then the gateway activates claim B.
+    two_claims.write_hint("claim-a");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let sb_a = two_claims
+        .gateway
+        .claim(&two_claims.pod.pod_name, claim_opts("claim-b"))
+        .await
+        .unwrap();
+    // The gateway's activation names a pod UID that is not this pod's.
+    let sb_b = foreign
+        .gateway
+        .claim_delivered(
+            &foreign.pod.pod_name,
+            claim_opts(&random_uid()),
+            ClaimDelivery {
+                forged_pod_uid: Some(random_uid()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+
+    for (env, sup, sandbox, want) in [
+        (&two_claims, &mut a, &sb_a, "conflicting claims"),
+        (&foreign, &mut b, &sb_b, "names pod uid"),
+    ] {
+        assert_eq!(
+            sup.wait_exit(Duration::from_secs(10)),
+            Some(65),
+            "{}",
+            sup.logs()
+        );
+        let refusal = events_named(sup, "reuse.refused").pop().unwrap();
+        assert_eq!(refusal["reason"], "claim_conflict", "{refusal}");
+        assert!(
+            refusal["detail"].as_str().unwrap().contains(want),
+            "{refusal}"
+        );
+        assert!(!sup.has_event("identity.bound"), "{}", sup.logs());
+        assert!(!env.binding_record().exists());
+        assert!(env
+            .gateway
+            .wait_connected(sandbox.id(), Duration::from_millis(300))
+            .await
+            .is_err());
+    }
+}
