@@ -505,3 +505,246 @@ async fn conflicting_claims_and_foreign_activations_are_refused() {
             .is_err());
     }
 }
+
+/// 3 s sandbox tokens over a long run: many refreshes, sessions opened throughout (each
+/// with the token current at the time) and one session spanning the whole run, all on
+/// the one relay connection. Then the claim is revoked at the gateway: the supervisor
+/// releases within one refresh interval, wipes and exits 0. `SSV_SOAK_SECS` scales it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_survive_many_refreshes_and_revocation_releases() {
+    let ttl = Duration::from_secs(3);
+    let env = IdEnv::new(
+        "refresh",
+        Setup {
+            sandbox_token_ttl: ttl,
+            ..Setup::default()
+        },
+    )
+    .await;
+    let soak = Duration::from_secs(iterations("SSV_SOAK_SECS", 12) as u64);
+    let (mut sup, sandbox) = env.bound_with(Launch::Subreaper, &[]).await;
+    let ticks = soak.as_secs() + 1;
+    let long = sandbox
+        .exec(sh(&format!(
+            "i=0; while [ $i -lt {ticks} ]; do echo tick $i; i=$((i+1)); sleep 1; done"
+        )))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut n = 0;
+    while started.elapsed() < soak {
+        let out = sandbox
+            .exec(sh(&format!("echo run {n}")))
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "session {n} after {:?}: {e}\n{}",
+                    started.elapsed(),
+                    sup.logs()
+                )
+            })
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(out.stdout, format!("run {n}\n").as_bytes());
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    let out = long.collect().await.unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(text.lines().count() as u64, ticks, "{text}");
+
+    // ~80 % of 2–3 s: a refresh every ≤ 2.4 s.
+    let refreshed = env.gateway.stats(&env.pod.pod_name).refreshed;
+    let want = soak.as_secs() / 3;
+    assert!(
+        refreshed >= want,
+        "{refreshed} refreshes in {soak:?}\n{}",
+        sup.logs()
+    );
+    assert!(events_named(&sup, "identity.refreshed").len() as u64 >= want);
+    for ev in [
+        "relay.disconnected",
+        "relay.reconnected",
+        "identity.refresh_failed",
+    ] {
+        assert!(!sup.has_event(ev), "unexpected {ev}\n{}", sup.logs());
+    }
+
+    let revoked = Instant::now();
+    env.gateway.revoke(sandbox.claim_uid());
+    let releasing = wait_event(&sup, Duration::from_secs(10), |e| {
+        e["event"] == "lifecycle.transition" && e["to"] == "releasing"
+    })
+    .await
+    .unwrap_or_else(|| panic!("no release after revocation\n{}", sup.logs()));
+    let took = revoked.elapsed();
+    assert!(
+        took <= ttl + Duration::from_millis(500),
+        "released after {took:?}"
+    );
+    assert!(
+        releasing["reason"].as_str().unwrap().contains("claim gone"),
+        "{releasing}"
+    );
+    assert_eq!(
+        sup.wait_exit(Duration::from_secs(20)),
+        Some(0),
+        "{}",
+        sup.logs()
+    );
+    assert!(sup.has_event("wipe.completed"));
+    assert!(std::fs::read_dir(env.volume().join("workspace"))
+        .unwrap()
+        .next()
+        .is_none());
+}
+
+/// CA rotation: the bundle becomes old+new CA, then the gateway restarts with a
+/// certificate from the new CA; the warm supervisor re-reads the bundle and parks
+/// again. Later a garbage bundle is logged and ignored: the relay reconnects across a
+/// gateway restart with the last good bundle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_rotation_with_old_and_new_bundle_keeps_working() {
+    let env = IdEnv::new("carot", Setup::default()).await;
+    let sup = spawn_with(&env, &[]);
+    env.gateway
+        .wait_parked(&env.pod.pod_name, Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", sup.logs()));
+
+    let new_ca = TestCa::new("rotated CA").unwrap();
+    let bundle = format!("{}{}", env.ca.cert_pem(), new_ca.cert_pem());
+    replace_file(&env.ca_path(), bundle.as_bytes());
+    env.gateway.set_tls_for_restart(ServerTls {
+        server: new_ca
+            .server_cert(&["localhost"], Validity::Current)
+            .unwrap(),
+        client_ca_pem: None,
+    });
+    env.gateway.restart().await.unwrap();
+    env.gateway
+        .wait_parked(&env.pod.pod_name, Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|e| panic!("not parked after rotation: {e}\n{}", sup.logs()));
+    let reloaded = events_named(&sup, "identity.ca_reloaded");
+    assert_eq!(reloaded.len(), 1, "{}", sup.logs());
+    assert_eq!(reloaded[0]["certificates"], 2);
+
+    let sandbox = env
+        .gateway
+        .claim(&env.pod.pod_name, ClaimOptions::default())
+        .await
+        .unwrap();
+    env.gateway
+        .wait_connected(sandbox.id(), Duration::from_secs(20))
+        .await
+        .unwrap();
+
+    replace_file(&env.ca_path(), b"garbage, not PEM");
+    env.gateway.restart().await.unwrap();
+    env.gateway
+        .wait_connected(sandbox.id(), Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|e| panic!("relay did not come back: {e}\n{}", sup.logs()));
+    let failed = wait_event(&sup, Duration::from_secs(5), |e| {
+        e["event"] == "identity.ca_reload_failed"
+    })
+    .await
+    .unwrap_or_else(|| panic!("bad bundle not logged\n{}", sup.logs()));
+    assert!(
+        failed["reason"].as_str().unwrap().contains("PEM"),
+        "{failed}"
+    );
+    assert_eq!(failed["kept_certificates"], 2);
+    let out = sandbox
+        .exec(spec(&["echo", "still here"]))
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    assert_eq!(out.stdout, b"still here\n");
+}
+
+/// The endpoint is an IP, the TLS name is overridden to the certificate's name, and a
+/// client certificate is presented (mutual TLS): the gateway sees it on every call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_name_override_and_client_certificate_work() {
+    let env = IdEnv::new(
+        "mtls",
+        Setup {
+            client_ca: true,
+            ..Setup::default()
+        },
+    )
+    .await;
+    // A certificate for "localhost" only, so the override is what makes it verify.
+    let server = env
+        .ca
+        .server_cert(&["localhost"], Validity::Current)
+        .unwrap();
+    env.gateway.set_tls_for_restart(ServerTls {
+        server,
+        client_ca_pem: Some(env.ca.cert_pem().to_owned()),
+    });
+    env.gateway.restart().await.unwrap();
+    let client = env.ca.client_cert("mtls-pod").unwrap();
+    let (cert, key) = (
+        env.dir.0.join("pki/client.pem"),
+        env.dir.0.join("pki/client-key.pem"),
+    );
+    std::fs::write(&cert, &client.cert_pem).unwrap();
+    std::fs::write(&key, &client.key_pem).unwrap();
+    let url = format!("https://127.0.0.1:{}", env.gateway.local_addr().port());
+    let (c, k) = (cert.display().to_string(), key.display().to_string());
+    let sup = spawn_with(
+        &env,
+        &[
+            ("--gateway", &url),
+            ("--gateway-server-name", "localhost"),
+            ("--client-cert", &c),
+            ("--client-key", &k),
+        ],
+    );
+    env.gateway
+        .wait_parked(&env.pod.pod_name, Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", sup.logs()));
+    let sandbox = env
+        .gateway
+        .claim(&env.pod.pod_name, ClaimOptions::default())
+        .await
+        .unwrap();
+    env.gateway
+        .wait_connected(sandbox.id(), Duration::from_secs(20))
+        .await
+        .unwrap();
+    let out = sandbox
+        .exec(spec(&["true"]))
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    assert_eq!(out.exit.status, 0);
+    let presented = env.gateway.presented_tokens(&env.pod.pod_name);
+    assert!(!presented.is_empty());
+    assert!(presented.iter().all(|p| p.client_cert), "{presented:?}");
+
+    // Without the override the IP does not match the certificate: refused, with why.
+    let other = env.sibling("mtls-noname");
+    let sup2 = spawn_with(&other, &[("--gateway", &url)]);
+    let failed = wait_event(&sup2, Duration::from_secs(10), |e| {
+        e["event"] == "identity.register_failed"
+    })
+    .await
+    .unwrap();
+    assert!(
+        failed["reason"]
+            .as_str()
+            .unwrap()
+            .contains("not valid for name"),
+        "{failed}"
+    );
+}
