@@ -748,3 +748,95 @@ async fn server_name_override_and_client_certificate_work() {
         "{failed}"
     );
 }
+
+/// A full lifecycle at the most verbose level (every crate at trace: our events, tonic,
+/// h2, rustls): register, a rotated projected token, the pull path, refreshes,
+/// sessions, release. No line holds token material: no `eyJ`, none of the raw tokens
+/// written or minted, not even one of their segments.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_lifecycle_logs_hold_no_token_material() {
+    let env = IdEnv::new(
+        "hygiene",
+        Setup {
+            sandbox_token_ttl: Duration::from_secs(3),
+            ..Setup::default()
+        },
+    )
+    .await;
+    env.gateway.record_minted_tokens();
+    let mut sup = spawn_with(&env, &[("--log-level", "trace")]);
+    env.gateway
+        .wait_parked(&env.pod.pod_name, Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", sup.logs()));
+    let rotated = env
+        .issuer
+        .mint_for(&env.pod, AUDIENCE, Duration::from_secs(3600))
+        .unwrap();
+    env.write_token(&rotated);
+    let claim = random_uid();
+    let sandbox = env
+        .gateway
+        .claim_delivered(
+            &env.pod.pod_name,
+            claim_opts(&claim),
+            ClaimDelivery {
+                push: Push::Never,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    env.write_hint(&claim);
+    env.gateway
+        .wait_connected(sandbox.id(), Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", sup.logs()));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while env.gateway.stats(&env.pod.pod_name).refreshed < 2 && Instant::now() < deadline {
+        let out = sandbox
+            .exec(sh("echo $HOME; env | wc -l"))
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(out.exit.status, 0);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(env.gateway.stats(&env.pod.pod_name).refreshed >= 2);
+    let report = sandbox
+        .release("done", Duration::from_secs(1), Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert!(report.is_some());
+    assert_eq!(
+        sup.wait_exit(Duration::from_secs(20)),
+        Some(0),
+        "{}",
+        sup.logs()
+    );
+
+    let logs = sup.logs();
+    let mut secrets = env.written.lock().unwrap().clone();
+    let minted = env.gateway.minted_tokens();
+    assert!(
+        minted.len() >= 3,
+        "activation + refreshes: {}",
+        minted.len()
+    );
+    secrets.extend(minted.iter().cloned());
+    // Positive control: the sandbox token in use is logged by fingerprint.
+    assert!(
+        logs.contains(&minted[0].fingerprint()),
+        "no fingerprint logged"
+    );
+    assert!(logs.lines().count() > 100, "trace logging is not on");
+    assert!(!logs.contains("eyJ"), "a JWT segment is in the logs");
+    for t in &secrets {
+        assert!(!logs.contains(t.expose()), "a raw token is in the logs");
+        for (i, seg) in t.expose().split('.').enumerate().skip(1) {
+            assert!(!logs.contains(seg), "segment {i} of a token is in the logs");
+        }
+    }
+}
