@@ -20,6 +20,7 @@ use crate::identity::{
 };
 use crate::pid1::{self, Reaper, SignalIntake};
 use crate::proto;
+use crate::relay::channel::GatewayChannel;
 use crate::relay::{self, GatewayEndpoint, Relay, RelayEnd};
 use crate::telemetry::{self, logs, Telemetry};
 use crate::workspace::{self, BootState, Owner, SeedSource, TombstonePhase, Volume, VolumeConfig};
@@ -233,14 +234,14 @@ pub async fn run(
     };
 
     // ── warm: parked at the gateway, holding no tenant identity ─────────────────────
-    let endpoint = GatewayEndpoint {
-        url: m.cfg.gateway.clone(),
-        ca: m.cfg.gateway_ca.clone(),
-        server_name: m.cfg.gateway_server_name.clone(),
-        client_cert: m.cfg.client_cert.clone(),
-        client_key: m.cfg.client_key.clone(),
-    };
-    let channel = match endpoint.channel() {
+    let endpoint = GatewayEndpoint::new(
+        m.cfg.gateway.clone(),
+        m.cfg.gateway_ca.clone(),
+        m.cfg.gateway_server_name.clone(),
+        m.cfg.client_cert.clone(),
+        m.cfg.client_key.clone(),
+    );
+    let channel = match GatewayChannel::new(endpoint.clone()) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(event = "config.invalid", option = "gateway", error = %e, "{e}");
@@ -273,7 +274,8 @@ pub async fn run(
     let activation = tokio::select! {
         outcome = exchange.await_claim(resume_proto.clone()) => match outcome {
             ClaimOutcome::Activated(a) => a,
-            ClaimOutcome::Refused(why) => return m.refuse("claim_conflict", &why),
+            ClaimOutcome::Conflict(why) => return m.refuse("claim_conflict", &why),
+            ClaimOutcome::GatewayRefused(why) => return m.refuse("gateway_refused", &why),
         },
         sig = m.signals.recv() => {
             // Terminated while warm: no tenant ever ran, nothing to wipe.
@@ -340,7 +342,7 @@ pub async fn run(
     };
     let relay = Relay {
         endpoint: endpoint.clone(),
-        channel: Some(channel),
+        channel: Some(channel.get()),
         creds: creds.clone(),
         sessions: sessions.clone(),
         telemetry: m.telemetry.clone(),

@@ -7,7 +7,7 @@ use super::pki::ServerTls;
 use super::server::GatewayService;
 
 use super::sandbox::Sandbox;
-use super::state::{PodStats, ReleaseState, SandboxEntry, Shared, StopReason};
+use super::state::{PodStats, PresentedToken, ReleaseState, SandboxEntry, Shared, StopReason};
 use super::tokens::{ProjectedValidator, SandboxTokens};
 use crate::proto;
 use crate::proto::register_event::Event as RegEvent;
@@ -96,6 +96,29 @@ pub struct ClaimOptions {
     pub labels: HashMap<String, String>,
 }
 
+/// How `claim_delivered` hands the activation over. The defaults are what a real
+/// gateway does; the rest exist for adversarial and race tests of the supervisor.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Push {
+    /// Push on the parked Register stream at once (and answer the pull path).
+    #[default]
+    Now,
+    /// Push after this delay (the pull path answers meanwhile): for push-vs-hint races.
+    After(Duration),
+    /// Never push; leave the pod parked. Only the pull path (the claim hint) delivers.
+    Never,
+}
+
+/// Test knobs for `claim_delivered`.
+#[derive(Debug, Clone, Default)]
+pub struct ClaimDelivery {
+    pub push: Push,
+    /// ADVERSARIAL TESTS ONLY: the activation (push and pull) names this pod UID instead
+    /// of the claimed pod's, as a confused or malicious gateway would. A correct
+    /// supervisor refuses it.
+    pub forged_pod_uid: Option<String>,
+}
+
 struct Serving {
     shutdown: oneshot::Sender<()>,
     task: tokio::task::JoinHandle<()>,
@@ -106,6 +129,8 @@ struct Inner {
     shared: Arc<Shared>,
     addr: SocketAddr,
     serving: Mutex<Option<Serving>>,
+    /// Replaces `cfg.tls` from the next `restart` (certificate rotation tests).
+    tls_override: Mutex<Option<ServerTls>>,
 }
 
 impl Drop for Inner {
@@ -138,7 +163,11 @@ impl std::fmt::Debug for ReferenceGateway {
     }
 }
 
-async fn serve(shared: Arc<Shared>, listener: TcpListener) -> anyhow::Result<Serving> {
+async fn serve(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    tls: Option<&ServerTls>,
+) -> anyhow::Result<Serving> {
     let cfg = &shared.cfg;
     let conns = Arc::new(ConnRegistry::default());
     let incoming = conns.incoming(listener);
@@ -148,7 +177,7 @@ async fn serve(shared: Arc<Shared>, listener: TcpListener) -> anyhow::Result<Ser
         .initial_stream_window_size(Some(cfg.http2_stream_window))
         .initial_connection_window_size(Some(cfg.http2_connection_window))
         .tcp_nodelay(true);
-    if let Some(tls) = &cfg.tls {
+    if let Some(tls) = tls.or(cfg.tls.as_ref()) {
         builder = builder.tls_config(tls.to_tonic())?;
     }
     let router = builder.add_service(proto::gateway_server::GatewayServer::new(GatewayService {
@@ -191,13 +220,14 @@ impl ReferenceGateway {
             .map_err(|e| anyhow::anyhow!("binding the reference gateway to {}: {e}", cfg.listen))?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared::new(cfg, projected, sandbox_tokens));
-        let serving = serve(Arc::clone(&shared), listener).await?;
+        let serving = serve(Arc::clone(&shared), listener, None).await?;
         tracing::info!(event = "gateway.started", %addr, tls = shared.cfg.tls.is_some(), "reference gateway serving");
         Ok(ReferenceGateway {
             inner: Arc::new(Inner {
                 shared,
                 addr,
                 serving: Mutex::new(Some(serving)),
+                tls_override: Mutex::new(None),
             }),
         })
     }
@@ -258,6 +288,17 @@ impl ReferenceGateway {
     /// A claim adopts the pod: the activation is pushed on its parked stream if there is
     /// one, and is answered on the pull path (IssueSandboxToken) either way.
     pub async fn claim(&self, pod_name: &str, opts: ClaimOptions) -> anyhow::Result<Sandbox> {
+        self.claim_delivered(pod_name, opts, ClaimDelivery::default())
+            .await
+    }
+
+    /// `claim` with test control over how the activation is delivered.
+    pub async fn claim_delivered(
+        &self,
+        pod_name: &str,
+        opts: ClaimOptions,
+        delivery: ClaimDelivery,
+    ) -> anyhow::Result<Sandbox> {
         let shared = self.shared();
         let (sandbox_id, claim_uid, push) = {
             let mut st = shared.lock();
@@ -283,12 +324,18 @@ impl ReferenceGateway {
             }
             let sandbox_id = short_id("sbx");
             pod.sandbox_id = Some(sandbox_id.clone());
-            let push = pod.parked.take();
+            let push = match delivery.push {
+                Push::Never => None,
+                Push::Now | Push::After(_) => pod.parked.take(),
+            };
             let entry = SandboxEntry {
                 id: sandbox_id.clone(),
                 claim_uid: claim_uid.clone(),
                 pod_name: pod.name.clone(),
-                pod_uid: pod.uid.clone(),
+                pod_uid: delivery
+                    .forged_pod_uid
+                    .clone()
+                    .unwrap_or_else(|| pod.uid.clone()),
                 labels: opts.labels.clone(),
                 confirmed: false,
                 revoked: false,
@@ -305,18 +352,32 @@ impl ReferenceGateway {
         if let Some((link, activation)) = push {
             let activation = activation
                 .map_err(|s| anyhow::anyhow!("minting the activation: {}", s.message()))?;
-            let sent = tokio::time::timeout(
-                Duration::from_secs(5),
-                link.tx.send(Ok(proto::RegisterEvent {
-                    event: Some(RegEvent::Activation(activation)),
-                })),
-            )
-            .await;
-            if matches!(sent, Ok(Ok(()))) {
-                shared.lock().stats_mut(pod_name).activations_pushed += 1;
+            let shared = Arc::clone(shared);
+            let pod_name = pod_name.to_owned();
+            let deliver = async move {
+                let sent = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    link.tx.send(Ok(proto::RegisterEvent {
+                        event: Some(RegEvent::Activation(activation)),
+                    })),
+                )
+                .await;
+                if matches!(sent, Ok(Ok(()))) {
+                    shared.lock().stats_mut(&pod_name).activations_pushed += 1;
+                }
+                // Ends the Register stream right after the activation.
+                link.end(StopReason::Clean);
+                shared.bump();
+            };
+            match delivery.push {
+                Push::After(delay) => {
+                    tokio::spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        deliver.await
+                    });
+                }
+                _ => deliver.await,
             }
-            // Ends the Register stream right after the activation.
-            link.end(StopReason::Clean);
         }
         shared.bump();
         tracing::info!(event = "gateway.claimed", pod = pod_name, %sandbox_id, %claim_uid, "pod claimed");
@@ -449,7 +510,13 @@ impl ReferenceGateway {
         for _ in 0..50 {
             match TcpListener::bind(addr).await {
                 Ok(listener) => {
-                    let serving = serve(Arc::clone(self.shared()), listener).await?;
+                    let tls = self
+                        .inner
+                        .tls_override
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone();
+                    let serving = serve(Arc::clone(self.shared()), listener, tls.as_ref()).await?;
                     *self.inner.serving.lock().unwrap_or_else(|p| p.into_inner()) = Some(serving);
                     tracing::info!(event = "gateway.restarted", %addr, "reference gateway serving again");
                     return Ok(());
@@ -462,6 +529,48 @@ impl ReferenceGateway {
             "re-binding {addr} for restart failed: {}",
             last.map(|e| e.to_string()).unwrap_or_default()
         )
+    }
+
+    /// The server certificate (and client CA) to serve from the next `restart`, as after
+    /// a certificate rotation.
+    pub fn set_tls_for_restart(&self, tls: ServerTls) {
+        *self
+            .inner
+            .tls_override
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(tls);
+    }
+
+    /// Every projected token presented by a caller claiming to be `pod_name`
+    /// (fingerprints only), in order.
+    pub fn presented_tokens(&self, pod_name: &str) -> Vec<PresentedToken> {
+        self.shared()
+            .lock()
+            .presented
+            .get(pod_name)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// TESTS ONLY: from now on keep every sandbox token minted, so a log-hygiene test can
+    /// search logs for the raw strings. A real gateway never keeps them.
+    pub fn record_minted_tokens(&self) {
+        let mut m = self
+            .shared()
+            .minted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        m.get_or_insert_with(Vec::new);
+    }
+
+    /// The sandbox tokens minted since `record_minted_tokens`.
+    pub fn minted_tokens(&self) -> Vec<crate::identity::SecretToken> {
+        self.shared()
+            .minted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_default()
     }
 
     /// Counters for `pod_name` (zeros if it never called).

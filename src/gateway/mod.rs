@@ -16,10 +16,12 @@ mod sessions;
 mod state;
 pub mod tokens;
 
-pub use driver::{ClaimOptions, ExecError, GatewayConfig, ParkedPod, ReferenceGateway};
+pub use driver::{
+    ClaimDelivery, ClaimOptions, ExecError, GatewayConfig, ParkedPod, Push, ReferenceGateway,
+};
 pub use sandbox::Sandbox;
 pub use sessions::{Exec, ExecEvent, ExecOutput, ACK_EVERY};
-pub use state::PodStats;
+pub use state::{PodStats, PresentedToken};
 
 #[cfg(test)]
 mod tests;

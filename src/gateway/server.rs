@@ -46,12 +46,26 @@ pub(crate) fn rejected(reason: String) -> proto::RegisterEvent {
 
 impl Shared {
     /// Validates the projected token of a call.
-    fn projected_identity(
+    fn projected_identity<T>(
         &self,
-        meta: &tonic::metadata::MetadataMap,
+        call: &'static str,
+        request: &Request<T>,
+        claimed_pod: &str,
     ) -> Result<PodIdentity, TokenError> {
-        let token = bearer_from_metadata(meta).ok_or(TokenError::Missing)?;
-        self.projected.validate(&token)
+        let token = bearer_from_metadata(request.metadata()).ok_or(TokenError::Missing)?;
+        let result = self.projected.validate(&token);
+        let client_cert = request.peer_certs().is_some_and(|c| !c.is_empty());
+        self.lock()
+            .presented
+            .entry(claimed_pod.to_owned())
+            .or_default()
+            .push(super::state::PresentedToken {
+                call,
+                fingerprint: token.fingerprint(),
+                client_cert,
+                valid: result.is_ok(),
+            });
+        result
     }
 
     /// Validates the sandbox token of a call.
@@ -74,6 +88,7 @@ impl Shared {
             .sandbox_tokens
             .mint(&sb.id, &sb.claim_uid, &sb.pod_uid)
             .map_err(|e| Status::internal(e.to_string()))?;
+        self.note_minted(&token);
         Ok(proto::Activation {
             sandbox_id: sb.id.clone(),
             claim_uid: sb.claim_uid.clone(),
@@ -96,9 +111,9 @@ impl proto::gateway_server::Gateway for GatewayService {
         request: Request<proto::RegisterRequest>,
     ) -> Result<Response<Self::RegisterStream>, Status> {
         let shared = &self.shared;
-        let ident = shared.projected_identity(request.metadata());
+        let claimed_pod = request.get_ref().pod.clone().unwrap_or_default();
+        let ident = shared.projected_identity("register", &request, &claimed_pod.name);
         let req = request.into_inner();
-        let claimed_pod = req.pod.clone().unwrap_or_default();
         let ident = match ident {
             Ok(i) => i,
             Err(e) => {
@@ -134,9 +149,9 @@ impl proto::gateway_server::Gateway for GatewayService {
         request: Request<proto::IssueSandboxTokenRequest>,
     ) -> Result<Response<proto::IssueSandboxTokenResponse>, Status> {
         let shared = &self.shared;
-        let ident = shared.projected_identity(request.metadata());
+        let claimed_pod = request.get_ref().pod.clone().unwrap_or_default();
+        let ident = shared.projected_identity("issue", &request, &claimed_pod.name);
         let req = request.into_inner();
-        let claimed_pod = req.pod.clone().unwrap_or_default();
         let ident = match ident {
             Ok(i) => i,
             Err(e) => {
@@ -198,6 +213,7 @@ impl proto::gateway_server::Gateway for GatewayService {
             .sandbox_tokens
             .mint(&claims.sandbox_id, &claims.claim_uid, &claims.pod_uid)
             .map_err(|e| Status::internal(e.to_string()))?;
+        shared.note_minted(&token);
         tracing::debug!(event = "gateway.token.refreshed", pod = %pod_name, sandbox_id = %claims.sandbox_id, token = %token, "sandbox token refreshed");
         Ok(Response::new(proto::RefreshSandboxTokenResponse {
             token: token.expose().to_owned(),

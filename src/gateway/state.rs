@@ -142,11 +142,26 @@ impl SandboxEntry {
     }
 }
 
+/// A projected token shown to the gateway, as fingerprint only (for tests asserting which
+/// token a supervisor presented, e.g. the rotated one).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PresentedToken {
+    /// `register` or `issue`.
+    pub call: &'static str,
+    pub fingerprint: String,
+    /// Whether the TLS connection carried a client certificate (mutual TLS).
+    pub client_cert: bool,
+    /// Whether the token passed validation.
+    pub valid: bool,
+}
+
 #[derive(Default)]
 pub(crate) struct State {
     pub pods: HashMap<String, PodEntry>,
     pub sandboxes: HashMap<String, SandboxEntry>,
     pub stats: HashMap<String, PodStats>,
+    /// Per pod name (as the request claims it): every projected token presented.
+    pub presented: HashMap<String, Vec<PresentedToken>>,
 }
 
 impl State {
@@ -167,6 +182,9 @@ pub(crate) struct Shared {
     state: Mutex<State>,
     changed: watch::Sender<u64>,
     next_gen: AtomicU64,
+    /// Test-only: every sandbox token minted, kept when enabled so a log-hygiene test
+    /// can search the supervisor's logs for the raw strings. Off by default.
+    pub minted: Mutex<Option<Vec<crate::identity::SecretToken>>>,
 }
 
 impl Shared {
@@ -182,6 +200,7 @@ impl Shared {
             state: Mutex::new(State::default()),
             changed: watch::channel(0).0,
             next_gen: AtomicU64::new(1),
+            minted: Mutex::new(None),
         }
     }
 
@@ -197,6 +216,18 @@ impl Shared {
 
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
+    }
+
+    /// Keeps a minted sandbox token if recording is on (tests only).
+    pub fn note_minted(&self, token: &crate::identity::SecretToken) {
+        if let Some(v) = self
+            .minted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            v.push(token.clone());
+        }
     }
 
     pub fn next_gen(&self) -> u64 {

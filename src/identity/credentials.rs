@@ -95,6 +95,14 @@ impl Default for Backoff {
 }
 
 impl Backoff {
+    /// The same schedule with a lower ceiling.
+    pub fn with_cap(cap: Duration) -> Self {
+        Backoff {
+            cap,
+            ..Backoff::default()
+        }
+    }
+
     pub fn next_delay(&mut self) -> Duration {
         let ceiling = self
             .base

@@ -5,12 +5,11 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tonic::transport::Channel;
 use tonic::Code;
 
 use super::{read_hint, Backoff, ProjectedToken, SandboxCredentials};
 use crate::proto::{self, register_event};
-use crate::relay::channel::{authed, client};
+use crate::relay::channel::{authed, client, describe_status, GatewayChannel};
 use crate::telemetry::Telemetry;
 
 /// Facts about this pod from the downward API.
@@ -36,12 +35,16 @@ impl PodFacts {
 pub enum ClaimOutcome {
     Activated(proto::Activation),
     /// The gateway will never bind us (`Rejected{retryable=false}`,
-    /// `PERMISSION_DENIED`), or two different claims answered: refuse.
-    Refused(String),
+    /// `PERMISSION_DENIED`): refuse, without retrying.
+    GatewayRefused(String),
+    /// The answer cannot be ours: it names another pod, or two different claims
+    /// answered. Refuse rather than pick one.
+    Conflict(String),
 }
 
 pub struct Exchange {
-    pub channel: Channel,
+    /// Rebuilt after every failed call (half-open connections, rotated CA bundles).
+    pub channel: GatewayChannel,
     pub projected: ProjectedToken,
     pub pod: PodFacts,
     pub instance_id: String,
@@ -95,13 +98,13 @@ impl Exchange {
             return first;
         };
         if let Err(why) = check_activation(&a, &self.pod, expected.as_deref()) {
-            return ClaimOutcome::Refused(why);
+            return ClaimOutcome::Conflict(why);
         }
         // The hint is the claim's own record of who adopted us. If it already names a
         // different claim, two claims answered: fail closed rather than pick one.
         if let Some(hint) = read_hint(&self.hint_path, &self.hint_key) {
             if hint != a.claim_uid {
-                return ClaimOutcome::Refused(format!(
+                return ClaimOutcome::Conflict(format!(
                     "conflicting claims: activation for '{}', annotation names '{hint}'",
                     a.claim_uid
                 ));
@@ -129,6 +132,7 @@ impl Exchange {
                 Ok(None) => {} // the gateway ended a parked stream: register again now
                 Err(why) => {
                     self.telemetry.set_ready(false);
+                    self.channel.rebuild();
                     let delay = backoff.next_delay();
                     tracing::warn!(event = "identity.register_failed", reason = %why, retry_in_ms = delay.as_millis() as u64, "registration failed; retrying");
                     tokio::time::sleep(delay).await;
@@ -146,15 +150,16 @@ impl Exchange {
         let token = self.projected.read().map_err(|e| e.to_string())?;
         let req = authed(self.register_request(resume), &token).map_err(|e| e.to_string())?;
         self.telemetry.metrics.register_attempts_total.inc();
-        let mut events = match client(self.channel.clone()).register(req).await {
+        tracing::debug!(event = "identity.registering", token = %token, "registering with the projected token");
+        let mut events = match client(self.channel.get()).register(req).await {
             Ok(r) => r.into_inner(),
             Err(s) if s.code() == Code::PermissionDenied => {
-                return Ok(Some(ClaimOutcome::Refused(format!(
+                return Ok(Some(ClaimOutcome::GatewayRefused(format!(
                     "gateway denied registration: {}",
                     s.message()
                 ))))
             }
-            Err(s) => return Err(format!("{:?}: {}", s.code(), s.message())),
+            Err(s) => return Err(describe_status(&s)),
         };
         let mut heartbeat = Duration::from_secs(30);
         loop {
@@ -167,12 +172,12 @@ impl Exchange {
                     ))
                 }
                 Ok(Err(s)) if s.code() == Code::PermissionDenied => {
-                    return Ok(Some(ClaimOutcome::Refused(format!(
+                    return Ok(Some(ClaimOutcome::GatewayRefused(format!(
                         "gateway denied registration: {}",
                         s.message()
                     ))))
                 }
-                Ok(Err(s)) => return Err(format!("{:?}: {}", s.code(), s.message())),
+                Ok(Err(s)) => return Err(describe_status(&s)),
                 Ok(Ok(None)) => return Ok(None),
                 Ok(Ok(Some(m))) => m,
             };
@@ -189,7 +194,8 @@ impl Exchange {
                     return Ok(Some(ClaimOutcome::Activated(a)));
                 }
                 Some(register_event::Event::Rejected(r)) if !r.retryable => {
-                    return Ok(Some(ClaimOutcome::Refused(format!(
+                    tracing::error!(event = "identity.register_rejected", reason = %r.reason, "the gateway rejected registration for good");
+                    return Ok(Some(ClaimOutcome::GatewayRefused(format!(
                         "gateway rejected registration: {}",
                         r.reason
                     ))));
@@ -204,7 +210,8 @@ impl Exchange {
 
     /// Polls the annotations file; once the claim key appears, asks for the token.
     async fn pull_on_hint(&self, resume: Option<proto::BindingRecord>) -> ClaimOutcome {
-        let mut backoff = Backoff::default();
+        // The annotation may run ahead of the gateway for a while: poll at most every 2 s.
+        let mut backoff = Backoff::with_cap(Duration::from_secs(2));
         loop {
             let Some(hint) = read_hint(&self.hint_path, &self.hint_key) else {
                 tokio::time::sleep(HINT_POLL).await;
@@ -214,7 +221,7 @@ impl Exchange {
                 Ok(a) => {
                     tracing::info!(event = "identity.activation", path = "pull", claim_uid = %a.claim_uid, sandbox_id = %a.sandbox_id, "activation pulled after the claim hint");
                     if a.claim_uid != hint {
-                        return ClaimOutcome::Refused(format!(
+                        return ClaimOutcome::Conflict(format!(
                             "conflicting claims: annotation names '{hint}', gateway answered '{}'",
                             a.claim_uid
                         ));
@@ -222,15 +229,18 @@ impl Exchange {
                     return ClaimOutcome::Activated(a);
                 }
                 Err(s) if s.code() == Code::PermissionDenied => {
-                    return ClaimOutcome::Refused(format!(
+                    return ClaimOutcome::GatewayRefused(format!(
                         "gateway denied the token for claim '{hint}': {}",
                         s.message()
                     ))
                 }
                 Err(s) => {
                     // FAILED_PRECONDITION: the annotation is ahead of the gateway.
+                    if s.code() != Code::FailedPrecondition {
+                        self.channel.rebuild();
+                    }
                     let delay = backoff.next_delay().max(HINT_POLL);
-                    tracing::debug!(event = "identity.issue_pending", code = ?s.code(), error = s.message(), "claim hint seen; gateway not ready yet");
+                    tracing::debug!(event = "identity.issue_pending", code = ?s.code(), error = %describe_status(&s), "claim hint seen; gateway not ready yet");
                     tokio::time::sleep(delay).await;
                 }
             }
@@ -255,7 +265,8 @@ impl Exchange {
         };
         let req =
             authed(msg, &token).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
-        let resp = client(self.channel.clone())
+        tracing::debug!(event = "identity.issuing", token = %token, claim_hint = hint, "asking for the sandbox token");
+        let resp = client(self.channel.get())
             .issue_sandbox_token(req)
             .await?
             .into_inner();
@@ -279,10 +290,7 @@ impl Exchange {
                 Err(e) => return e.to_string(),
             };
             let started = Instant::now();
-            match client(self.channel.clone())
-                .refresh_sandbox_token(req)
-                .await
-            {
+            match client(self.channel.get()).refresh_sandbox_token(req).await {
                 Ok(resp) => {
                     let r = resp.into_inner();
                     let token = super::SecretToken::new(r.token);
@@ -317,15 +325,17 @@ impl Exchange {
                             )
                         }
                         Err(s) => {
-                            tracing::warn!(event = "identity.refresh_failed", code = ?s.code(), error = s.message(), "re-issue failed; retrying");
+                            self.channel.rebuild();
+                            tracing::warn!(event = "identity.refresh_failed", code = ?s.code(), error = %describe_status(&s), "re-issue failed; retrying");
                             due = Instant::now() + backoff.next_delay();
                         }
                     }
                 }
                 Err(s) => {
                     self.telemetry.metrics.token_refresh("retry");
+                    self.channel.rebuild();
                     let delay = backoff.next_delay();
-                    tracing::warn!(event = "identity.refresh_failed", code = ?s.code(), error = s.message(), retry_in_ms = delay.as_millis() as u64, "token refresh failed; retrying");
+                    tracing::warn!(event = "identity.refresh_failed", code = ?s.code(), error = %describe_status(&s), retry_in_ms = delay.as_millis() as u64, "token refresh failed; retrying");
                     due = Instant::now() + delay;
                 }
             }
