@@ -90,6 +90,10 @@ pub struct RunConfig {
         default_value = "/var/run/secrets/sandbox-gateway/token"
     )]
     pub token_path: PathBuf,
+    /// Audience the projected token must carry; checked locally before it is presented,
+    /// for a precise error on a misconfigured volume (empty: not checked).
+    #[arg(long, env = "SANDBOX_SUPERVISOR_AUDIENCE", default_value = "")]
+    pub audience: String,
     /// Pod name (downward API metadata.name).
     #[arg(long, env = "SANDBOX_SUPERVISOR_POD_NAME", default_value = "")]
     pub pod_name: String,

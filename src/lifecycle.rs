@@ -250,7 +250,8 @@ pub async fn run(
     };
     let exchange = Exchange {
         channel: channel.clone(),
-        projected: ProjectedToken::new(&m.cfg.token_path),
+        projected: ProjectedToken::new(&m.cfg.token_path)
+            .with_audience(Some(m.cfg.audience.clone())),
         pod: m.pod.clone(),
         instance_id: m.instance_id.clone(),
         seed: Some(proto::SeedInfo {

@@ -4,7 +4,6 @@
 //! TLS failures, CA rotation and mutual TLS are in `identity_tls.rs`.
 
 // No test here needs root, so the harness's `require!` goes unused.
-#[allow(unused_macros, unused_imports)]
 mod common;
 
 use common::identity::*;
@@ -187,23 +186,57 @@ async fn bad_projected_tokens_are_rejected_without_spinning() {
             .unwrap()
     });
 
-    let retried = [
-        (&expired, "expired"),
-        (&audience, "audience"),
-        (&tampered, "signature"),
-    ];
+    let retried = [(&expired, "expired"), (&tampered, "signature")];
     let refused = [
         (&wrong_uid, "pod uid mismatch"),
         (&other_pod, "pod uid mismatch"),
     ];
     let mut sups = vec![];
-    for (env, _) in retried.iter().chain(refused.iter()) {
+    for (env, _) in retried
+        .iter()
+        .chain(refused.iter())
+        .chain([(&audience, "")].iter())
+    {
         let port = free_port();
         let probes = format!("127.0.0.1:{port}");
         sups.push((spawn_with(env, &[("--listen-probes", &probes)]), port));
     }
     let window = Duration::from_secs(5);
     tokio::time::sleep(window).await;
+
+    // The wrong audience is caught by the supervisor's own --audience check before it
+    // is ever presented: retried with backoff, never reaching the gateway.
+    let (aud_sup, aud_port) = &sups[retried.len() + refused.len()];
+    assert!(
+        aud_sup.child.is_some(),
+        "must keep retrying\n{}",
+        aud_sup.logs()
+    );
+    assert_eq!(
+        audience
+            .gateway
+            .presented_tokens(&audience.pod.pod_name)
+            .len(),
+        0
+    );
+    let (failures, reason) = register_failures(aud_sup);
+    assert!(
+        (2..=16).contains(&failures),
+        "{failures}\n{}",
+        aud_sup.logs()
+    );
+    assert!(
+        reason.contains("has audience [\"kubernetes.default.svc\"]")
+            && reason.contains("expects 'sandbox-gateway'"),
+        "{reason}"
+    );
+    let p = *aud_port;
+    assert_eq!(
+        tokio::task::spawn_blocking(move || readyz(p))
+            .await
+            .unwrap(),
+        Some(503)
+    );
 
     for ((env, why), (sup, port)) in retried.iter().zip(&sups) {
         let name = &env.pod.pod_name;

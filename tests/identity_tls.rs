@@ -3,7 +3,6 @@
 //! server-name override with mutual TLS. The real binary against the reference gateway.
 
 // No test here needs root, so the harness's `require!` goes unused.
-#[allow(unused_macros, unused_imports)]
 mod common;
 
 use common::identity::*;

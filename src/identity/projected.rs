@@ -20,6 +20,14 @@ pub enum ProjectedTokenError {
     Empty { path: String },
     #[error("projected token {path} is larger than {MAX_TOKEN_BYTES} bytes; that is not a token")]
     TooLarge { path: String },
+    #[error("projected token {path} has audience {found:?}, but the gateway expects '{want}': set the serviceAccountToken volume's audience to '{want}' (retrying)")]
+    WrongAudience {
+        path: String,
+        found: Vec<String>,
+        want: String,
+    },
+    #[error("projected token {path} is not a JWT with an 'aud' claim; is --token-path pointing at a serviceAccountToken projection? (retrying)")]
+    NotAJwt { path: String },
     #[error("projected token {path} cannot be read: {source}")]
     Unreadable {
         path: String,
@@ -28,15 +36,27 @@ pub enum ProjectedTokenError {
     },
 }
 
-/// Where the projected token lives.
+/// Where the projected token lives, and the audience it must carry (when configured).
 #[derive(Debug, Clone)]
 pub struct ProjectedToken {
     path: PathBuf,
+    audience: Option<String>,
 }
 
 impl ProjectedToken {
     pub fn new(path: impl Into<PathBuf>) -> Self {
-        ProjectedToken { path: path.into() }
+        ProjectedToken {
+            path: path.into(),
+            audience: None,
+        }
+    }
+
+    /// Checks each read token's `aud` claim locally, so a misconfigured volume gives a
+    /// precise error instead of an opaque rejection from the gateway. The gateway still
+    /// verifies everything; this reads the claims without trusting them.
+    pub fn with_audience(mut self, audience: Option<String>) -> Self {
+        self.audience = audience.filter(|a| !a.is_empty());
+        self
     }
 
     pub fn path(&self) -> &Path {
@@ -79,7 +99,37 @@ impl ProjectedToken {
         if token.is_empty() {
             return Err(ProjectedTokenError::Empty { path });
         }
+        if let Some(want) = &self.audience {
+            let found = audiences(token.expose())
+                .ok_or_else(|| ProjectedTokenError::NotAJwt { path: path.clone() })?;
+            if !found.iter().any(|a| a == want) {
+                return Err(ProjectedTokenError::WrongAudience {
+                    path,
+                    found,
+                    want: want.clone(),
+                });
+            }
+        }
         Ok(token)
+    }
+}
+
+/// The `aud` claim of a JWT (a string or an array), read without verification.
+fn audiences(jwt: &str) -> Option<Vec<String>> {
+    use base64::Engine;
+    let payload = jwt.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    match &claims["aud"] {
+        serde_json::Value::String(a) => Some(vec![a.clone()]),
+        serde_json::Value::Array(v) => Some(
+            v.iter()
+                .filter_map(|a| a.as_str().map(str::to_owned))
+                .collect(),
+        ),
+        _ => None,
     }
 }
 
@@ -118,5 +168,47 @@ mod tests {
         let err = ProjectedToken::new(&p).read().unwrap_err();
         assert!(matches!(err, ProjectedTokenError::TooLarge { .. }));
         assert!(!err.to_string().contains("aaaa"));
+    }
+
+    #[test]
+    fn audience_is_checked_locally_with_a_precise_error() {
+        use base64::Engine;
+        let enc = |v: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("token");
+        let jwt = format!(
+            "{}.{}.sig",
+            enc(r#"{"alg":"ES256"}"#),
+            enc(r#"{"aud":["kubernetes"]}"#)
+        );
+        std::fs::write(&p, &jwt).unwrap();
+        let src = ProjectedToken::new(&p).with_audience(Some("sandbox-gateway".into()));
+        let err = src.read().unwrap_err();
+        assert!(
+            matches!(err, ProjectedTokenError::WrongAudience { .. }),
+            "{err}"
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.contains("\"kubernetes\"")
+                && msg.contains("sandbox-gateway")
+                && !msg.contains(&jwt),
+            "{msg}"
+        );
+        std::fs::write(
+            &p,
+            format!("{}.{}.sig", enc("{}"), enc(r#"{"aud":"sandbox-gateway"}"#)),
+        )
+        .unwrap();
+        assert!(src.read().is_ok());
+        std::fs::write(&p, "opaque").unwrap();
+        assert!(matches!(
+            src.read(),
+            Err(ProjectedTokenError::NotAJwt { .. })
+        ));
+        assert!(
+            ProjectedToken::new(&p).read().is_ok(),
+            "without --audience any token is passed on"
+        );
     }
 }

@@ -179,6 +179,8 @@ impl Env {
             self.endpoint(),
             "--token-path".into(),
             p(&self.dir.0.join("token/token")),
+            "--audience".into(),
+            AUDIENCE.into(),
             "--pod-name".into(),
             self.pod.pod_name.clone(),
             "--pod-namespace".into(),
