@@ -122,15 +122,27 @@ impl Session {
         }
     }
 
+    /// Cancel-safe: the stdin handle is given up only once the EOF is queued.
     pub async fn close_stdin(&self) -> Result<(), SessionInputError> {
-        let tx = self.stdin.lock().unwrap_or_else(|e| e.into_inner()).take();
-        match tx {
-            Some(tx) => tx
-                .send(StdinCmd::Eof)
-                .await
-                .map_err(|_| SessionInputError::StdinClosed(self.id.clone())),
-            None => Err(SessionInputError::StdinClosed(self.id.clone())),
+        let closed = || SessionInputError::StdinClosed(self.id.clone());
+        let tx = self.stdin.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let permit = tx
+            .as_ref()
+            .ok_or_else(closed)?
+            .reserve()
+            .await
+            .map_err(|_| closed())?;
+        if self
+            .stdin
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .is_none()
+        {
+            return Err(closed());
         }
+        permit.send(StdinCmd::Eof);
+        Ok(())
     }
 
     pub fn resize(&self, cols: u32, rows: u32) -> Result<(), SessionInputError> {

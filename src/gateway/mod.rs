@@ -18,7 +18,7 @@ pub mod tokens;
 
 pub use driver::{ClaimOptions, ExecError, GatewayConfig, ParkedPod, ReferenceGateway};
 pub use sandbox::Sandbox;
-pub use sessions::{Exec, ExecEvent, ExecOutput, ACK_EVERY};
+pub use sessions::{Exec, ExecEvent, ExecInput, ExecOutput, ACK_EVERY};
 pub use state::PodStats;
 
 #[cfg(test)]
