@@ -433,6 +433,7 @@ async fn forward_down(
     }
     loop {
         let frame = tokio::select! {
+            biased;
             _ = stopped.fired() => return,
             changed = ack_rx.changed() => {
                 if changed.is_err() { return; }
@@ -456,9 +457,12 @@ async fn send_or_requeue(
     frame: proto::SessionDown,
     stopped: &mut StopListener,
 ) -> bool {
+    // A stopped stream must not take a driver frame: when both are ready, the stop
+    // wins and the frame is requeued for the next stream (it would be lost otherwise).
     let permit = tokio::select! {
-        p = tx.reserve() => p.ok(),
+        biased;
         _ = stopped.fired() => None,
+        p = tx.reserve() => p.ok(),
     };
     match permit {
         Some(p) => {
