@@ -2,7 +2,9 @@
 //! I/O pumps and replay buffers, timeouts, and exit status.
 
 mod error;
+pub mod kill;
 pub mod output;
+mod pumps;
 mod session;
 pub mod spawn;
 pub mod spec;

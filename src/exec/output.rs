@@ -144,6 +144,11 @@ impl OutputBuffer {
         self.readable.notified()
     }
 
+    /// Offset of the first byte still held (everything below was acknowledged).
+    pub fn start(&self) -> u64 {
+        self.lock().start
+    }
+
     pub fn end(&self) -> u64 {
         self.lock().end
     }

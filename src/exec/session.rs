@@ -4,20 +4,20 @@
 //! whether or not the gateway is connected, and its exit is kept until the gateway
 //! forgets it.
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use std::collections::HashMap;
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::unix::AsyncFd;
-use tokio::io::Interest;
 use tokio::sync::{mpsc, watch};
 
+use super::kill::{Membership, MARKER_BASE};
 use super::output::OutputBuffer;
-use super::spawn::{self, Io};
+use super::pumps::{pump, stdin_writer, StdinCmd, Stream};
+use super::spawn::{self, Credentials, Io};
 use super::spec::{self, ExecPolicy};
 use super::ExecError;
 use crate::pid1::{ExitInfo, Reaper};
@@ -36,11 +36,6 @@ pub struct ExecConfig {
     pub default_kill_grace: Duration,
 }
 
-enum StdinCmd {
-    Data(Bytes),
-    Eof,
-}
-
 pub struct Session {
     pub id: String,
     pub pid: u32,
@@ -49,6 +44,8 @@ pub struct Session {
     pub stderr: OutputBuffer,
     stdin: Mutex<Option<mpsc::Sender<StdinCmd>>>,
     pty_master: Option<OwnedFd>,
+    /// Finds every process of the session, including those that left its group.
+    members: Membership,
     exit: watch::Sender<Option<proto::ExitStatus>>,
     timed_out: AtomicBool,
     /// The task serving the currently attached stream, replaced on re-attach.
@@ -125,15 +122,27 @@ impl Session {
         }
     }
 
+    /// Cancel-safe: the stdin handle is given up only once the EOF is queued.
     pub async fn close_stdin(&self) -> Result<(), SessionInputError> {
-        let tx = self.stdin.lock().unwrap_or_else(|e| e.into_inner()).take();
-        match tx {
-            Some(tx) => tx
-                .send(StdinCmd::Eof)
-                .await
-                .map_err(|_| SessionInputError::StdinClosed(self.id.clone())),
-            None => Err(SessionInputError::StdinClosed(self.id.clone())),
+        let closed = || SessionInputError::StdinClosed(self.id.clone());
+        let tx = self.stdin.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let permit = tx
+            .as_ref()
+            .ok_or_else(closed)?
+            .reserve()
+            .await
+            .map_err(|_| closed())?;
+        if self
+            .stdin
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .is_none()
+        {
+            return Err(closed());
         }
+        permit.send(StdinCmd::Eof);
+        Ok(())
     }
 
     pub fn resize(&self, cols: u32, rows: u32) -> Result<(), SessionInputError> {
@@ -148,18 +157,56 @@ impl Session {
         })
     }
 
-    /// Delivers a signal to the session's whole process group.
+    /// Delivers a signal. SIGTERM and SIGKILL end the session, so they reach every
+    /// process of it, also those that left its process group (see `exec::kill`). Any
+    /// other signal goes to the session's process group, and on a PTY also to the
+    /// terminal's foreground group (where an interactive shell runs its current job),
+    /// as a terminal would deliver it.
     pub fn signal(&self, signo: i32) -> Result<(), SessionInputError> {
         let sig = Signal::try_from(signo).map_err(|_| SessionInputError::BadSignal(signo))?;
         if self.exit_status().is_some() {
             return Ok(());
         }
-        match killpg(Pid::from_raw(self.pid as i32), sig) {
-            Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
-            Err(source) => Err(SessionInputError::Signal {
-                id: self.id.clone(),
-                source,
-            }),
+        match sig {
+            Signal::SIGKILL => {
+                self.kill_all();
+                Ok(())
+            }
+            Signal::SIGTERM => {
+                self.members.signal_all(libc::SIGTERM);
+                Ok(())
+            }
+            _ => {
+                if let Some(fg) = self.pty_master.as_ref().and_then(foreground_group) {
+                    if fg != self.pid as i32 {
+                        let _ = killpg(Pid::from_raw(fg), sig);
+                    }
+                }
+                match killpg(Pid::from_raw(self.pid as i32), sig) {
+                    Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
+                    Err(source) => Err(SessionInputError::Signal {
+                        id: self.id.clone(),
+                        source,
+                    }),
+                }
+            }
+        }
+    }
+
+    /// SIGKILLs every process of the session now, then keeps sweeping on a blocking
+    /// thread until none is left (a process may fork between a scan and its kill).
+    pub(crate) fn kill_all(&self) {
+        self.members.signal_all(libc::SIGKILL);
+        let members = self.members;
+        let id = self.id.clone();
+        let sweep = move || {
+            if !members.kill_all_blocking() {
+                tracing::warn!(event = "session.kill_incomplete", session_id = %id, left = members.members().len(), "processes of the session survived repeated SIGKILL");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(sweep)),
+            Err(_) => sweep(),
         }
     }
 
@@ -168,6 +215,14 @@ impl Session {
         self.stdout.ack(stdout_offset);
         self.stderr.ack(stderr_offset);
     }
+}
+
+/// The terminal's foreground process group, if any.
+fn foreground_group(master: &OwnedFd) -> Option<i32> {
+    nix::unistd::tcgetpgrp(master)
+        .ok()
+        .map(|p| p.as_raw())
+        .filter(|&p| p > 0)
 }
 
 fn valid_size(cols: u32, rows: u32) -> Option<(u16, u16)> {
@@ -196,6 +251,8 @@ struct SessionsInner {
     cfg: ExecConfig,
     accepting: AtomicBool,
     events: mpsc::UnboundedSender<proto::SessionEvent>,
+    /// Sessions opened so far: the next session's marker group is `MARKER_BASE + n`.
+    opened: AtomicU32,
 }
 
 impl Sessions {
@@ -203,8 +260,17 @@ impl Sessions {
         cfg: ExecConfig,
         reaper: Reaper,
     ) -> (Self, mpsc::UnboundedReceiver<proto::SessionEvent>) {
+        if let Some((old, new)) = spawn::raise_nofile_limit() {
+            tracing::info!(
+                event = "exec.nofile_raised",
+                old,
+                new,
+                "raised the open-file limit for many concurrent sessions; sessions keep the original"
+            );
+        }
         let (events, rx) = mpsc::unbounded_channel();
         let inner = SessionsInner {
+            opened: AtomicU32::new(0),
             table: Mutex::new(HashMap::new()),
             reaper,
             cfg,
@@ -245,13 +311,13 @@ impl Sessions {
         self.inner.accepting.store(false, Ordering::SeqCst);
     }
 
-    /// Drops a session; a running one has its process group killed.
+    /// Drops a session; a running one has every process killed.
     pub fn forget(&self, id: &str) -> bool {
         let Some(s) = self.table().remove(id) else {
             return false;
         };
         if s.exit_status().is_none() {
-            let _ = killpg(Pid::from_raw(s.pid as i32), Signal::SIGKILL);
+            s.kill_all();
         }
         if let Some(h) = s.attached.lock().unwrap_or_else(|e| e.into_inner()).take() {
             h.abort();
@@ -295,7 +361,14 @@ impl Sessions {
             }
         }
         let is_tty = matches!(io, Io::Pty { .. });
-        let spawned = spawn::spawn(&resolved, io, &self.inner.reaper)?;
+        let n = self.inner.opened.fetch_add(1, Ordering::Relaxed);
+        let marker = MARKER_BASE.checked_add(n + 1);
+        let creds = resolved.switch_user.then_some(Credentials {
+            uid: resolved.user.uid,
+            gid: resolved.user.gid,
+            marker,
+        });
+        let spawned = spawn::spawn(&resolved, io, creds, &self.inner.reaper)?;
         let cap = self.inner.cfg.buffer_capacity;
         let (stdin_tx, stdin_rx) = mpsc::channel(64);
         let has_stdin = spawned.stdin.is_some();
@@ -315,6 +388,11 @@ impl Sessions {
             stderr: OutputBuffer::new(cap),
             stdin: Mutex::new(has_stdin.then_some(stdin_tx)),
             pty_master,
+            members: Membership {
+                leader: spawned.pid,
+                leader_start: spawned.start_time,
+                marker: creds.and_then(|c| c.marker),
+            },
             exit: watch::channel(None).0,
             timed_out: AtomicBool::new(false),
             attached: Mutex::new(None),
@@ -357,98 +435,6 @@ impl Sessions {
     }
 }
 
-fn register(fd: OwnedFd, interest: Interest) -> std::io::Result<AsyncFd<OwnedFd>> {
-    // SAFETY: an `OwnedFd` stays open and refers to the same description until the
-    // `AsyncFd` that owns it is dropped, which is exactly tokio's requirement.
-    unsafe { AsyncFd::register_with_interest(fd, interest) }.map_err(|e| e.into_parts().1)
-}
-
-#[derive(Clone, Copy)]
-enum Stream {
-    Stdout,
-    Stderr,
-}
-
-/// Moves bytes from the process's pipe (or PTY master) into the replay buffer, and stops
-/// reading while the buffer is full.
-async fn pump(fd: OwnedFd, session: Arc<Session>, which: Stream) {
-    let buf = match which {
-        Stream::Stdout => &session.stdout,
-        Stream::Stderr => &session.stderr,
-    };
-    if let Ok(afd) = register(fd, Interest::READABLE) {
-        loop {
-            buf.wait_space().await;
-            let want = buf.space().clamp(1, 256 * 1024);
-            let Ok(mut guard) = afd.readable().await else {
-                break;
-            };
-            let mut chunk = BytesMut::with_capacity(want);
-            let res = guard.try_io(|inner| {
-                // SAFETY: read(2) writes at most `want` bytes into the spare capacity
-                // reserved above; we only extend the length by what it reports.
-                let n = unsafe {
-                    libc::read(
-                        inner.as_raw_fd(),
-                        chunk.spare_capacity_mut().as_mut_ptr().cast(),
-                        want,
-                    )
-                };
-                if n < 0 {
-                    Err(std::io::Error::last_os_error())
-                } else {
-                    Ok(n as usize)
-                }
-            });
-            match res {
-                Ok(Ok(0)) => break,
-                Ok(Ok(n)) => {
-                    // SAFETY: the kernel initialised the first `n` bytes.
-                    unsafe { chunk.set_len(n) };
-                    buf.push(chunk.freeze());
-                }
-                Ok(Err(e)) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                // EIO: every holder of a PTY's slave side closed it; that is EOF.
-                Ok(Err(_)) => break,
-                Err(_would_block) => {}
-            }
-        }
-    }
-    buf.close();
-}
-
-async fn stdin_writer(fd: OwnedFd, mut rx: mpsc::Receiver<StdinCmd>, is_tty: bool) {
-    let Ok(afd) = register(fd, Interest::WRITABLE) else {
-        return;
-    };
-    while let Some(cmd) = rx.recv().await {
-        let data = match cmd {
-            StdinCmd::Data(d) => d,
-            // A PTY has no half-close: EOF is the terminal's EOF character (^D).
-            StdinCmd::Eof if is_tty => Bytes::from_static(b"\x04"),
-            StdinCmd::Eof => return, // dropping the fd closes the pipe
-        };
-        let mut rest = &data[..];
-        while !rest.is_empty() {
-            let Ok(mut guard) = afd.writable().await else {
-                return;
-            };
-            match guard.try_io(|inner| {
-                nix::unistd::write(inner.get_ref(), rest).map_err(std::io::Error::from)
-            }) {
-                Ok(Ok(n)) => rest = &rest[n..],
-                Ok(Err(e)) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                // EPIPE: the process closed its stdin; discard the rest quietly.
-                Ok(Err(_)) => return,
-                Err(_would_block) => {}
-            }
-        }
-        if is_tty && data.as_ref() == b"\x04" && rx.is_closed() {
-            return;
-        }
-    }
-}
-
 async fn enforce_timeout(session: Arc<Session>, timeout: Duration, grace: Duration) {
     let mut exit = session.subscribe_exit();
     if tokio::time::timeout(timeout, exit.wait_for(|e| e.is_some()))
@@ -459,13 +445,11 @@ async fn enforce_timeout(session: Arc<Session>, timeout: Duration, grace: Durati
     }
     session.timed_out.store(true, Ordering::SeqCst);
     tracing::info!(event = "session.timed_out", session_id = %session.id, timeout_ms = timeout.as_millis() as u64, "session timed out; terminating");
-    let _ = session.signal(libc::SIGTERM);
-    if tokio::time::timeout(grace, exit.wait_for(|e| e.is_some()))
-        .await
-        .is_err()
-    {
-        let _ = session.signal(libc::SIGKILL);
-    }
+    session.members.signal_all(libc::SIGTERM);
+    let _ = tokio::time::timeout(grace, exit.wait_for(|e| e.is_some())).await;
+    // Unconditionally: the leader may have obeyed TERM while a process that left the
+    // group ignores it; a timed-out session leaves nothing behind.
+    session.kill_all();
 }
 
 /// Waits for the leader's exit, drains output for a bounded time, then publishes the

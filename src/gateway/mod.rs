@@ -20,7 +20,7 @@ pub use driver::{
     ClaimDelivery, ClaimOptions, ExecError, GatewayConfig, ParkedPod, Push, ReferenceGateway,
 };
 pub use sandbox::Sandbox;
-pub use sessions::{Exec, ExecEvent, ExecOutput, ACK_EVERY};
+pub use sessions::{Exec, ExecEvent, ExecInput, ExecOutput, ACK_EVERY};
 pub use state::{PodStats, PresentedToken};
 
 #[cfg(test)]

@@ -72,12 +72,17 @@ pub(crate) struct SessionCore {
     pub down_rx: tokio::sync::Mutex<mpsc::Receiver<proto::SessionDown>>,
     /// Offsets consumed by the driver; every change becomes an `Ack` down the stream.
     pub ack: watch::Sender<(u64, u64)>,
+    /// Errors the supervisor reported on the session stream (a refused frame: stdin
+    /// after EOF, resize without a terminal, an oversized frame). The session goes on.
+    pub errors_tx: mpsc::UnboundedSender<proto::Error>,
+    pub errors_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<proto::Error>>,
 }
 
 impl SessionCore {
     pub fn new(id: String) -> (Arc<SessionCore>, mpsc::Receiver<ExecEvent>) {
         let (consumer_tx, consumer_rx) = mpsc::channel(CONSUMER_FRAMES);
         let (down_tx, down_rx) = mpsc::channel(DOWN_FRAMES);
+        let (errors_tx, errors_rx) = mpsc::unbounded_channel();
         let core = SessionCore {
             id,
             inner: Mutex::new(SessionInner {
@@ -96,6 +101,8 @@ impl SessionCore {
             down_tx,
             down_rx: tokio::sync::Mutex::new(down_rx),
             ack: watch::channel((0, 0)).0,
+            errors_tx,
+            errors_rx: tokio::sync::Mutex::new(errors_rx),
         };
         (Arc::new(core), consumer_rx)
     }
@@ -210,12 +217,17 @@ pub(crate) async fn run_session_stream(
                         break Ok(deliver_exit(&shared, &claims, &core, gen, status, &mut stopped).await);
                     }
                     Some(UpMsg::Error(err)) => {
-                        tracing::warn!(event = "gateway.session.stream_error", session_id = %core.id,
-                            code = err.code, message = %err.message, "supervisor ended a session stream with an error");
                         if err.code == proto::ErrorCode::NotFound as i32 {
+                            tracing::warn!(event = "gateway.session.stream_error", session_id = %core.id,
+                                code = err.code, message = %err.message, "supervisor does not know the session");
                             forget_lost(&shared, &claims.sandbox_id, &core).await;
+                            break Ok(false);
                         }
-                        break Ok(false);
+                        // A refused frame (stdin after EOF, resize without a terminal, an
+                        // oversized frame): the session and this stream go on.
+                        tracing::info!(event = "gateway.session.error", session_id = %core.id,
+                            code = err.code, message = %err.message, "supervisor refused a frame");
+                        let _ = core.errors_tx.send(err);
                     }
                     Some(UpMsg::Attach(_)) => {
                         break Err(Status::invalid_argument("Attach is only valid as the first frame of a Session stream"));
@@ -421,6 +433,7 @@ async fn forward_down(
     }
     loop {
         let frame = tokio::select! {
+            biased;
             _ = stopped.fired() => return,
             changed = ack_rx.changed() => {
                 if changed.is_err() { return; }
@@ -444,9 +457,12 @@ async fn send_or_requeue(
     frame: proto::SessionDown,
     stopped: &mut StopListener,
 ) -> bool {
+    // A stopped stream must not take a driver frame: when both are ready, the stop
+    // wins and the frame is requeued for the next stream (it would be lost otherwise).
     let permit = tokio::select! {
-        p = tx.reserve() => p.ok(),
+        biased;
         _ = stopped.fired() => None,
+        p = tx.reserve() => p.ok(),
     };
     match permit {
         Some(p) => {
@@ -490,6 +506,68 @@ impl std::fmt::Debug for Exec {
     }
 }
 
+/// The input side of an exec session (stdin, resize, signal, reported errors),
+/// usable while the `Exec` itself is being read: full duplex without sharing `&mut`.
+#[derive(Clone)]
+pub struct ExecInput {
+    core: Arc<SessionCore>,
+}
+
+impl std::fmt::Debug for ExecInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExecInput")
+            .field("session_id", &self.core.id)
+            .finish()
+    }
+}
+
+impl ExecInput {
+    async fn send_down(&self, msg: DownMsg) -> anyhow::Result<()> {
+        send_down(&self.core, msg).await
+    }
+
+    pub async fn write_stdin(&self, data: Bytes) -> anyhow::Result<()> {
+        self.send_down(DownMsg::Stdin(proto::Stdin {
+            data: data.to_vec(),
+        }))
+        .await
+    }
+
+    pub async fn close_stdin(&self) -> anyhow::Result<()> {
+        self.send_down(DownMsg::StdinEof(proto::StdinEof {})).await
+    }
+
+    pub async fn resize(&self, cols: u32, rows: u32) -> anyhow::Result<()> {
+        self.send_down(DownMsg::Resize(proto::Resize { cols, rows }))
+            .await
+    }
+
+    pub async fn signal(&self, sig: i32) -> anyhow::Result<()> {
+        self.send_down(DownMsg::Signal(proto::Signal { signal: sig }))
+            .await
+    }
+
+    /// The next error the supervisor reported for a frame of this session, waiting up
+    /// to `timeout`.
+    pub async fn next_error(&self, timeout: Duration) -> Option<proto::Error> {
+        let mut rx = self.core.errors_rx.lock().await;
+        tokio::time::timeout(timeout, rx.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+}
+
+async fn send_down(core: &SessionCore, msg: DownMsg) -> anyhow::Result<()> {
+    if core.complete.load(Ordering::Acquire) {
+        anyhow::bail!("session {} has exited; nothing to send to", core.id);
+    }
+    core.down_tx
+        .send(proto::SessionDown { msg: Some(msg) })
+        .await
+        .map_err(|_| anyhow::anyhow!("session {} is closed", core.id))
+}
+
 impl Exec {
     pub fn session_id(&self) -> &str {
         &self.core.id
@@ -499,15 +577,20 @@ impl Exec {
         self.pid
     }
 
-    async fn send_down(&self, msg: DownMsg) -> anyhow::Result<()> {
-        if self.core.complete.load(Ordering::Acquire) {
-            anyhow::bail!("session {} has exited; nothing to send to", self.core.id);
+    /// A handle for input while this `Exec` is read elsewhere.
+    pub fn input(&self) -> ExecInput {
+        ExecInput {
+            core: Arc::clone(&self.core),
         }
-        self.core
-            .down_tx
-            .send(proto::SessionDown { msg: Some(msg) })
-            .await
-            .map_err(|_| anyhow::anyhow!("session {} is closed", self.core.id))
+    }
+
+    /// See [`ExecInput::next_error`].
+    pub async fn next_error(&self, timeout: Duration) -> Option<proto::Error> {
+        self.input().next_error(timeout).await
+    }
+
+    async fn send_down(&self, msg: DownMsg) -> anyhow::Result<()> {
+        send_down(&self.core, msg).await
     }
 
     pub async fn write_stdin(&self, data: Bytes) -> anyhow::Result<()> {
@@ -571,5 +654,54 @@ impl Exec {
             stdout.len(),
             stderr.len()
         )
+    }
+}
+
+impl super::Sandbox {
+    /// Sends `AttachSession{session_id, offsets}` as given, to probe how the supervisor
+    /// answers an id it may not know. Returns the `Failed` error it reports, or None if
+    /// none arrives within `wait` (it knew the session). For tests and diagnostics;
+    /// sessions opened with `exec` are re-attached automatically.
+    pub async fn attach_raw(
+        &self,
+        session_id: &str,
+        stdout_offset: u64,
+        stderr_offset: u64,
+        wait: Duration,
+    ) -> anyhow::Result<Option<super::ExecError>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let control = {
+            let mut st = self.shared.lock();
+            let Some(sb) = st.sandboxes.get_mut(&self.id) else {
+                anyhow::bail!("sandbox {} is not known to this gateway", self.id);
+            };
+            let Some(control) = sb.control.as_ref().map(|c| c.tx.clone()) else {
+                anyhow::bail!("sandbox {} is not connected; wait_connected first", self.id);
+            };
+            // A Failed event for this id resolves the same waiter an open would.
+            sb.pending_opens.insert(session_id.to_owned(), tx);
+            control
+        };
+        let msg = proto::GatewayMessage {
+            msg: Some(proto::gateway_message::Msg::AttachSession(
+                proto::AttachSession {
+                    session_id: session_id.to_owned(),
+                    stdout_offset,
+                    stderr_offset,
+                },
+            )),
+        };
+        control
+            .send(Ok(msg))
+            .await
+            .map_err(|_| anyhow::anyhow!("the control stream of sandbox {} closed", self.id))?;
+        let answer = tokio::time::timeout(wait, rx).await;
+        if let Some(sb) = self.shared.lock().sandboxes.get_mut(&self.id) {
+            sb.pending_opens.remove(session_id);
+        }
+        Ok(match answer {
+            Ok(Ok(Err(e))) => Some(e),
+            _ => None,
+        })
     }
 }

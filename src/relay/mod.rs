@@ -21,6 +21,28 @@ use crate::identity::{Backoff, SandboxCredentials};
 use crate::proto::{self, gateway_message, supervisor_message, SupervisorMessage};
 use crate::telemetry::{SessionOutcome, Telemetry};
 
+/// Longest wait for `Connect` to be answered with `Accepted`.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Longest wait to queue a session event from the message handler.
+const EVENT_SEND_LIMIT: Duration = Duration::from_secs(5);
+
+/// Queues a frame on the control stream. A queue that stays full means the connection
+/// stopped moving (half-open): report it rather than wait, so liveness checks still run.
+async fn send_bounded(
+    tx: &mpsc::Sender<SupervisorMessage>,
+    msg: SupervisorMessage,
+    limit: Duration,
+) -> Result<(), String> {
+    match tokio::time::timeout(limit, tx.send(msg)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err("control stream closed".into()),
+        Err(_) => Err(format!(
+            "control stream stalled: nothing could be sent for {limit:?}"
+        )),
+    }
+}
+
 /// Why the relay stopped serving.
 #[derive(Debug)]
 pub enum RelayEnd {
@@ -137,11 +159,33 @@ impl Relay {
             Ok(r) => r,
             Err(e) => return dropped(e.to_string(), false),
         };
-        let mut down = match channel::client(channel.clone()).connect(req).await {
-            Ok(resp) => resp.into_inner(),
-            Err(status) => return self.classify(status, false),
+        // Bounded: a connection that opens but never answers (a blackholed peer, a
+        // stuck proxy) must not hold the relay forever.
+        let mut down = match tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            channel::client(channel.clone()).connect(req),
+        )
+        .await
+        {
+            Ok(Ok(resp)) => resp.into_inner(),
+            Ok(Err(status)) => return self.classify(status, false),
+            Err(_) => {
+                return dropped(
+                    format!("no answer to Connect within {CONNECT_TIMEOUT:?}"),
+                    false,
+                )
+            }
         };
-        let heartbeat = match down.message().await {
+        let first = match tokio::time::timeout(CONNECT_TIMEOUT, down.message()).await {
+            Ok(first) => first,
+            Err(_) => {
+                return dropped(
+                    format!("no Accepted within {CONNECT_TIMEOUT:?} of Connect"),
+                    false,
+                )
+            }
+        };
+        let heartbeat = match first {
             Ok(Some(proto::GatewayMessage {
                 msg: Some(gateway_message::Msg::Accepted(a)),
             })) => Duration::from_millis(u64::from(a.heartbeat_interval_ms.max(100))),
@@ -199,8 +243,8 @@ impl Relay {
                     if let Some(ev) = ev {
                         self.count_outcome(&ev);
                         let msg = SupervisorMessage { msg: Some(supervisor_message::Msg::SessionEvent(ev)) };
-                        if tx.send(msg).await.is_err() {
-                            return dropped("control stream closed".into(), true);
+                        if let Err(why) = send_bounded(&tx, msg, heartbeat * 3).await {
+                            return dropped(why, true);
                         }
                     }
                 }
@@ -209,8 +253,8 @@ impl Relay {
                         return dropped(format!("no message from the gateway for {:?}", last_heard.elapsed()), true);
                     }
                     let hb = SupervisorMessage { msg: Some(supervisor_message::Msg::Heartbeat(proto::Heartbeat {})) };
-                    if tx.send(hb).await.is_err() {
-                        return dropped("control stream closed".into(), true);
+                    if let Err(why) = send_bounded(&tx, hb, heartbeat * 3).await {
+                        return dropped(why, true);
                     }
                 }
             }
@@ -271,6 +315,7 @@ impl Relay {
                             0,
                             0,
                             self.telemetry.clone(),
+                            None,
                         );
                         proto::session_event::Event::Started(proto::Started { pid: session.pid })
                     }
@@ -284,11 +329,11 @@ impl Relay {
                     event: Some(event),
                 };
                 self.count_outcome(&ev);
-                let _ = tx
-                    .send(SupervisorMessage {
-                        msg: Some(supervisor_message::Msg::SessionEvent(ev)),
-                    })
-                    .await;
+                let msg = SupervisorMessage {
+                    msg: Some(supervisor_message::Msg::SessionEvent(ev)),
+                };
+                // A stalled stream is noticed by the heartbeat check; do not wait here.
+                let _ = send_bounded(tx, msg, EVENT_SEND_LIMIT).await;
             }
             Msg::AttachSession(a) => {
                 match self.sessions.get(&a.session_id) {
@@ -300,19 +345,20 @@ impl Relay {
                             a.stdout_offset,
                             a.stderr_offset,
                             self.telemetry.clone(),
+                            None,
                         );
                     }
                     None => {
                         let err = proto::Error { code: proto::ErrorCode::NotFound as i32, message: format!("unknown session id '{}': it was never opened or was already forgotten", a.session_id) };
+                        tracing::info!(event = "session.attach_unknown", session_id = %a.session_id, "AttachSession for an unknown session");
                         let ev = proto::SessionEvent {
                             session_id: a.session_id,
                             event: Some(proto::session_event::Event::Failed(err)),
                         };
-                        let _ = tx
-                            .send(SupervisorMessage {
-                                msg: Some(supervisor_message::Msg::SessionEvent(ev)),
-                            })
-                            .await;
+                        let msg = SupervisorMessage {
+                            msg: Some(supervisor_message::Msg::SessionEvent(ev)),
+                        };
+                        let _ = send_bounded(tx, msg, EVENT_SEND_LIMIT).await;
                     }
                 }
             }

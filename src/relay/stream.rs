@@ -1,6 +1,7 @@
 //! One `Session` stream: replays a session's output from the gateway's offsets and
 //! applies what the gateway sends down (stdin, resize, signals, acks).
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -13,6 +14,12 @@ use crate::identity::SandboxCredentials;
 use crate::proto::{self, session_down, session_up, SessionUp, StreamKind};
 use crate::telemetry::Telemetry;
 
+/// Stdin held per stream while the process is not reading, so frames behind it (an
+/// Ack the process's output is waiting for) are still read. It must exceed what a
+/// gateway has in flight ahead of an Ack (the reference gateway: its stream queue of
+/// 32 frames plus our 4 MiB receive window).
+const STDIN_READAHEAD: usize = 64 << 20;
+
 /// Largest `Output` frame. Small enough to interleave sessions fairly on one
 /// connection, large enough that framing costs little per byte.
 const MAX_FRAME: usize = 256 * 1024;
@@ -23,7 +30,8 @@ fn up(msg: session_up::Msg) -> SessionUp {
 
 /// Attaches `session` from the given offsets (which the gateway already holds) and
 /// serves the stream until the exit is delivered or the stream breaks. Replaces any
-/// stream previously attached to the session.
+/// stream previously attached to the session. `notice` is sent right after `Attach`
+/// (an error the previous stream could no longer carry).
 pub fn attach(
     channel: Channel,
     creds: SandboxCredentials,
@@ -31,15 +39,16 @@ pub fn attach(
     stdout_from: u64,
     stderr_from: u64,
     telemetry: Arc<Telemetry>,
+    notice: Option<proto::Error>,
 ) {
     session.ack(stdout_from, stderr_from);
     let task = tokio::spawn(serve(
         channel,
         creds,
         session.clone(),
-        stdout_from,
-        stderr_from,
+        (stdout_from, stderr_from),
         telemetry,
+        notice,
     ));
     let previous = session
         .attached
@@ -51,25 +60,35 @@ pub fn attach(
     }
 }
 
+/// How the gateway's side of a session stream ended.
+enum DownEnd {
+    Closed,
+    /// A frame past the message limit: the stream cannot be read any further.
+    TooLarge(String),
+}
+
 async fn serve(
     channel: Channel,
     creds: SandboxCredentials,
     session: Arc<Session>,
-    stdout_from: u64,
-    stderr_from: u64,
+    (stdout_from, stderr_from): (u64, u64),
     telemetry: Arc<Telemetry>,
+    notice: Option<proto::Error>,
 ) {
     let (tx, rx) = mpsc::channel::<SessionUp>(8);
-    let attach = proto::Attach {
+    let first = proto::Attach {
         session_id: session.id.clone(),
         stdout_offset: stdout_from,
         stderr_offset: stderr_from,
     };
-    let _ = tx.send(up(session_up::Msg::Attach(attach))).await;
+    let _ = tx.send(up(session_up::Msg::Attach(first))).await;
+    if let Some(e) = notice {
+        let _ = tx.send(up(session_up::Msg::Error(e))).await;
+    }
     let Ok(req) = authed(ReceiverStream::new(rx), &creds.token()) else {
         return;
     };
-    let mut down = match client(channel).session(req).await {
+    let mut down = match client(channel.clone()).session(req).await {
         Ok(resp) => resp.into_inner(),
         Err(status) => {
             tracing::debug!(event = "relay.session_stream_failed", session_id = %session.id, code = ?status.code(), error = status.message(), "session stream could not be opened");
@@ -79,41 +98,122 @@ async fn serve(
 
     let sender = send_output(&tx, &session, stdout_from, stderr_from, &telemetry);
     let receiver = async {
+        // Stdin waits for the process to read it, but an Ack queued behind it may be
+        // what the process is waiting for (its output buffer is full): so frames keep
+        // being read while stdin waits, stdin is held here in order, and everything
+        // else takes effect on arrival. Bounded: past the read-ahead, reading stops.
+        let mut pending: VecDeque<Option<bytes::Bytes>> = VecDeque::new();
+        let mut pending_bytes = 0usize;
         loop {
-            match down.message().await {
-                Ok(Some(msg)) => {
-                    if let Err(e) = apply(&session, msg).await {
-                        let err = up(session_up::Msg::Error(e.to_proto()));
-                        if tx.send(err).await.is_err() {
-                            return;
+            let front = pending.front().cloned();
+            tokio::select! {
+                biased;
+                written = feed_stdin(&session, front.clone()), if front.is_some() => {
+                    pending.pop_front();
+                    if let Some(Some(d)) = &front {
+                        pending_bytes -= d.len();
+                    }
+                    if let Err(e) = written {
+                        // Everything still held was sent after the refused frame.
+                        pending.clear();
+                        pending_bytes = 0;
+                        if !refuse(&tx, &session, e).await {
+                            return DownEnd::Closed;
                         }
                     }
                 }
-                Ok(None) => return,
-                Err(status) => {
-                    tracing::debug!(event = "relay.session_stream_ended", session_id = %session.id, code = ?status.code(), error = status.message(), "session stream ended");
-                    return;
-                }
+                msg = down.message(), if pending_bytes < STDIN_READAHEAD => match msg {
+                    Ok(Some(proto::SessionDown { msg: Some(session_down::Msg::Stdin(s)) })) => {
+                        pending_bytes += s.data.len();
+                        pending.push_back(Some(s.data.into()));
+                    }
+                    Ok(Some(proto::SessionDown { msg: Some(session_down::Msg::StdinEof(_)) })) => {
+                        pending.push_back(None);
+                    }
+                    Ok(Some(msg)) => {
+                        if let Err(e) = apply(&session, msg) {
+                            if !refuse(&tx, &session, e).await {
+                                return DownEnd::Closed;
+                            }
+                        }
+                    }
+                    Ok(None) => return DownEnd::Closed,
+                    Err(status) if status.code() == tonic::Code::OutOfRange => {
+                        return DownEnd::TooLarge(status.message().to_string());
+                    }
+                    Err(status) => {
+                        tracing::debug!(event = "relay.session_stream_ended", session_id = %session.id, code = ?status.code(), error = status.message(), "session stream ended");
+                        return DownEnd::Closed;
+                    }
+                },
             }
         }
     };
     tokio::pin!(sender, receiver);
-    tokio::select! {
+    let end = tokio::select! {
         delivered = &mut sender => {
-            if delivered {
-                // Keep applying acks and late input until the gateway ends the stream
-                // (it does after it has the exit), bounded so a silent peer cannot pin us.
-                let _ = tokio::time::timeout(std::time::Duration::from_secs(30), &mut receiver).await;
+            if !delivered {
+                return;
+            }
+            // Keep applying acks and late input until the gateway ends the stream
+            // (it does after it has the exit), bounded so a silent peer cannot pin us.
+            match tokio::time::timeout(std::time::Duration::from_secs(30), &mut receiver).await {
+                Ok(end) => end,
+                Err(_) => return,
             }
         }
-        _ = &mut receiver => {}
+        end = &mut receiver => end,
+    };
+    if let DownEnd::TooLarge(detail) = end {
+        // The oversized frame is discarded, and nothing after it on this stream can be
+        // decoded. The session is fine: say so precisely on a fresh stream, resuming
+        // from what the gateway acknowledged (it ignores bytes it already holds).
+        let message = format!(
+            "a SessionDown frame for session '{}' exceeded the {} byte message limit and was discarded ({detail}); send stdin in smaller frames. The session keeps running; its stream was re-opened",
+            session.id,
+            super::channel::MAX_MESSAGE_BYTES
+        );
+        tracing::warn!(event = "session.frame_too_large", session_id = %session.id, error = %detail, "discarded an oversized frame; re-attaching the session");
+        let (out, err) = (session.stdout.start(), session.stderr.start());
+        attach(
+            channel,
+            creds,
+            session.clone(),
+            out,
+            err,
+            telemetry.clone(),
+            Some(proto::Error {
+                code: proto::ErrorCode::InvalidArgument as i32,
+                message,
+            }),
+        );
     }
 }
 
-async fn apply(session: &Session, msg: proto::SessionDown) -> Result<(), SessionInputError> {
+/// Hands one held stdin frame (`None` = EOF) to the session's writer.
+async fn feed_stdin(
+    session: &Session,
+    frame: Option<Option<bytes::Bytes>>,
+) -> Result<(), SessionInputError> {
+    match frame {
+        Some(Some(data)) => session.write_stdin(data).await,
+        Some(None) => session.close_stdin().await,
+        None => Ok(()),
+    }
+}
+
+/// Reports a refused frame on the stream; false when the stream is gone.
+async fn refuse(tx: &mpsc::Sender<SessionUp>, session: &Session, e: SessionInputError) -> bool {
+    tracing::info!(event = "session.input_refused", session_id = %session.id, error = %e, "refused a frame from the gateway; the session continues");
+    tx.send(up(session_up::Msg::Error(e.to_proto())))
+        .await
+        .is_ok()
+}
+
+/// Frames other than stdin, applied on arrival.
+fn apply(session: &Session, msg: proto::SessionDown) -> Result<(), SessionInputError> {
     match msg.msg {
-        Some(session_down::Msg::Stdin(s)) => session.write_stdin(s.data.into()).await,
-        Some(session_down::Msg::StdinEof(_)) => session.close_stdin().await,
+        Some(session_down::Msg::Stdin(_)) | Some(session_down::Msg::StdinEof(_)) => Ok(()),
         Some(session_down::Msg::Resize(r)) => session.resize(r.cols, r.rows),
         Some(session_down::Msg::Signal(s)) => session.signal(s.signal),
         Some(session_down::Msg::Ack(a)) => {

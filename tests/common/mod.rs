@@ -390,4 +390,5 @@ pub fn descendants(root: u32) -> Vec<(u32, char)> {
     }
     found
 }
+pub mod exec;
 pub mod identity;
