@@ -344,6 +344,17 @@ pub struct Cluster {
     pub dir: TempDir,
 }
 
+/// How a pod addresses the gateway.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dial {
+    /// The network's gateway IP, verifying the certificate for `GATEWAY_NAME`
+    /// (`SANDBOX_SUPERVISOR_GATEWAY_SERVER_NAME`).
+    Ip,
+    /// `https://GATEWAY_NAME:port`, resolved by the static binary through the
+    /// container's /etc/hosts (`--add-host`), as a cluster name would be.
+    Name,
+}
+
 /// A sandbox pod: one container with its own volume, token dir and podinfo dir.
 pub struct Pod {
     pub container: String,
@@ -423,6 +434,10 @@ impl Cluster {
     /// but the six the supervisor needs, no_new_privs, a named volume at /sandbox, the
     /// projected token, podinfo and CA read-only.
     pub fn start_pod(&self, short: &str) -> Result<Pod, String> {
+        self.start_pod_with(short, Dial::Ip)
+    }
+
+    pub fn start_pod_with(&self, short: &str, dial: Dial) -> Result<Pod, String> {
         let spec = PodSpec::new(&format!("{}-{short}", self.scope.id));
         let dir = self.dir.0.join(short);
         for d in ["token", "podinfo"] {
@@ -445,14 +460,32 @@ impl Cluster {
             format!("SANDBOX_SUPERVISOR_POD_NAME={}", spec.pod_name),
             format!("SANDBOX_SUPERVISOR_POD_NAMESPACE={}", spec.namespace),
             format!("SANDBOX_SUPERVISOR_POD_UID={}", spec.pod_uid),
-            format!("SANDBOX_SUPERVISOR_GATEWAY={}", self.gateway_url()),
             "SANDBOX_SUPERVISOR_GATEWAY_CA=/etc/sandbox-gateway-ca/ca.crt".into(),
-            format!("SANDBOX_SUPERVISOR_GATEWAY_SERVER_NAME={GATEWAY_NAME}"),
             "SANDBOX_SUPERVISOR_TOKEN_PATH=/var/run/secrets/sandbox-gateway/token".into(),
             "SANDBOX_SUPERVISOR_ANNOTATIONS_PATH=/etc/podinfo/labels".into(),
             format!("SANDBOX_SUPERVISOR_RELEASE_GRACE={RELEASE_GRACE_S}s"),
             "SANDBOX_SUPERVISOR_LOG_FORMAT=json".into(),
         ];
+        let port = self.gateway.local_addr().port();
+        let mut env = env.to_vec();
+        let mut host = vec![];
+        match dial {
+            Dial::Ip => {
+                env.push(format!("SANDBOX_SUPERVISOR_GATEWAY={}", self.gateway_url()));
+                env.push(format!(
+                    "SANDBOX_SUPERVISOR_GATEWAY_SERVER_NAME={GATEWAY_NAME}"
+                ));
+            }
+            Dial::Name => {
+                env.push(format!(
+                    "SANDBOX_SUPERVISOR_GATEWAY=https://{GATEWAY_NAME}:{port}"
+                ));
+                host = vec![
+                    "--add-host".to_string(),
+                    format!("{GATEWAY_NAME}:{}", self.gateway_ip),
+                ];
+            }
+        }
         let mut args: Vec<String> = vec![
             "run".into(),
             "-d".into(),
@@ -470,6 +503,7 @@ impl Cluster {
             "--cap-drop".into(),
             "ALL".into(),
         ];
+        args.extend(host);
         for cap in [
             "CHOWN",
             "DAC_OVERRIDE",
