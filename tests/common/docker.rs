@@ -145,6 +145,9 @@ pub fn static_binary() -> Result<PathBuf, String> {
 static IMAGE_TAG: OnceLock<String> = OnceLock::new();
 
 extern "C" fn remove_image_at_exit() {
+    if std::env::var_os("SSV_KEEP").is_some() {
+        return;
+    }
     if let Some(tag) = IMAGE_TAG.get() {
         let _ = docker(&["rmi", "-f", tag]);
     }
