@@ -412,8 +412,11 @@ async fn network_disconnect_mid_session_loses_no_output() {
     ok(docker_async(&["network", "disconnect", &cluster.network, &pod.container]).await);
     tokio::time::sleep(Duration::from_millis(2500)).await;
     ok(docker_async(&["network", "connect", &cluster.network, &pod.container]).await);
+    // Generous: the relay's backoff may be near its 10 s cap after the failed attempts
+    // of the outage, and an attempt that stalls is only broken by HTTP/2 keepalive
+    // (10 s + 5 s). Normally the output resumes within a few seconds.
     let exit = loop {
-        match tokio::time::timeout(Duration::from_secs(30), exec.next()).await {
+        match tokio::time::timeout(Duration::from_secs(60), exec.next()).await {
             Ok(Some(ExecEvent::Stdout(b))) => stdout.extend_from_slice(&b),
             Ok(Some(ExecEvent::Exited(e))) => break e,
             other => panic!(
@@ -423,6 +426,12 @@ async fn network_disconnect_mid_session_loses_no_output() {
             ),
         }
     };
+    // The relay's view of the outage, for when this test is slow (shown with --nocapture).
+    for e in pod.events() {
+        if e["event"].as_str().is_some_and(|n| n.starts_with("relay.")) {
+            eprintln!("{} {} {}", e["ts"], e["event"], e["reason"]);
+        }
+    }
     let want: String = (1..=LINES).map(|i| format!("line {i}\n")).collect();
     assert_eq!(text(&stdout), want, "{}", pod.logs());
     assert_eq!(exit.status, 0);
