@@ -22,6 +22,17 @@ case "$target" in
 esac
 out=${1:-dist/sandbox-supervisor}
 
+# Run from a test (tests/docker.rs builds the binary it puts in a container), this
+# script inherits what `cargo test` sets for the test process. ring's build script
+# reruns when CARGO_MANIFEST_DIR changes, which would rebuild most of the release tree
+# on every alternation between a shell and a test run: drop the per-package variables
+# so both build the same thing. (CARGO_HOME, CARGO_TARGET_DIR, CARGO_BUILD_*, ... stay.)
+unset CARGO_MANIFEST_DIR CARGO_MANIFEST_PATH CARGO_CRATE_NAME CARGO_PRIMARY_PACKAGE \
+    CARGO_TARGET_TMPDIR CARGO_RUSTC_CURRENT_DIR OUT_DIR
+while IFS= read -r var; do
+    unset "$var"
+done < <(compgen -e | grep -E '^CARGO_(PKG|BIN)_' || true)
+
 # --target is explicit on purpose: with it, RUSTFLAGS apply to the final binary only and
 # not to build scripts and proc macros, which cannot be linked with crt-static.
 # crt-static on the gnu target yields a static-pie executable: no loader, no libc.so.

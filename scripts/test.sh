@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # The project's test command (README, second command). Installs what the tests need on
 # a fresh machine, then runs every check CI runs: format, lints, unit and integration
-# tests (real binary as PID 1, real gRPC relay, reference gateway), manifest validation.
+# tests (real binary as PID 1, real gRPC relay, reference gateway, the example image in
+# the Docker engine), manifest validation.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v unshare >/dev/null || need_apt+=(util-linux)
 command -v readelf >/dev/null || need_apt+=(binutils)
+# The static binary the container tests run links glibc statically (libc.a).
+[ -e "$(gcc -print-file-name=libc.a 2>/dev/null)" ] || need_apt+=(libc6-dev)
 if [ "${#need_apt[@]}" -gt 0 ] && [ "$(id -u)" = 0 ]; then
   echo "test.sh: installing ${need_apt[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
@@ -21,6 +24,14 @@ echo "== cargo fmt --check"
 cargo fmt --check
 echo "== cargo clippy"
 cargo clippy --locked --all-targets -- -D warnings
+# The container tests (tests/docker.rs) run the static release binary in the example
+# image. Build it here, once, so its time and size show as their own step; the tests
+# take it from SSV_STATIC_BINARY. Without a usable Docker engine they skip themselves.
+if [ "$(id -u)" = 0 ] && docker info >/dev/null 2>&1; then
+  echo "== static binary (scripts/build-static.sh)"
+  scripts/build-static.sh dist/sandbox-supervisor
+  export SSV_STATIC_BINARY="$PWD/dist/sandbox-supervisor"
+fi
 echo "== cargo test"
 cargo test --locked -- --test-threads="${TEST_THREADS:-2}"
 echo "== manifests"

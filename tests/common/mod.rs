@@ -390,5 +390,6 @@ pub fn descendants(root: u32) -> Vec<(u32, char)> {
     }
     found
 }
+pub mod docker;
 pub mod exec;
 pub mod identity;
