@@ -193,10 +193,7 @@ pub async fn run(
             // A crash between the tombstone and the end of the wipe: finish the wipe,
             // then refuse — this pod already served a tenant.
             m.transition(State::Releasing, "finishing an interrupted wipe");
-            let report = wipe(&volume, &m.telemetry).await;
-            if report.error.is_empty() {
-                let _ = volume.write_tombstone(TombstonePhase::Wiped, non_empty(&m.pod.uid));
-            }
+            retire(&volume, &m.telemetry, &m.pod.uid).await;
             return m.refuse(
                 "tombstone",
                 "this pod was released before; its interrupted wipe has now been finished",
@@ -273,7 +270,14 @@ pub async fn run(
     let activation = tokio::select! {
         outcome = exchange.await_claim(resume_proto.clone()) => match outcome {
             ClaimOutcome::Activated(a) => a,
-            ClaimOutcome::Refused(why) => return m.refuse("claim_conflict", &why),
+            ClaimOutcome::Refused(why) => {
+                if resume.is_some() {
+                    // Crashed while bound and the claim is gone (or another claim
+                    // answered): the tenant's files are still here. Retire them first.
+                    retire(&volume, &m.telemetry, &m.pod.uid).await;
+                }
+                return m.refuse("claim_conflict", &why);
+            }
         },
         sig = m.signals.recv() => {
             // Terminated while warm: no tenant ever ran, nothing to wipe.
@@ -416,6 +420,20 @@ pub async fn run(
         exit::RELEASED
     } else {
         exit::FATAL
+    }
+}
+
+/// Release without a workload (a restart after a crash): `released` tombstone, wipe,
+/// `wiped` tombstone. Failures are logged; the caller refuses either way.
+async fn retire(volume: &Arc<Volume>, telemetry: &Telemetry, pod_uid: &str) {
+    if let Err(e) = volume.write_tombstone(TombstonePhase::Released, non_empty(pod_uid)) {
+        tracing::error!(event = "release.tombstone_failed", error = %e, "cannot write the tombstone");
+    }
+    let report = wipe(volume, telemetry).await;
+    if report.error.is_empty() {
+        if let Err(e) = volume.write_tombstone(TombstonePhase::Wiped, non_empty(pod_uid)) {
+            tracing::error!(event = "release.tombstone_failed", error = %e, "cannot mark the tombstone wiped");
+        }
     }
 }
 

@@ -388,3 +388,4 @@ pub fn descendants(root: u32) -> Vec<(u32, char)> {
     }
     found
 }
+pub mod workspace;
