@@ -194,10 +194,7 @@ pub async fn run(
             // A crash between the tombstone and the end of the wipe: finish the wipe,
             // then refuse — this pod already served a tenant.
             m.transition(State::Releasing, "finishing an interrupted wipe");
-            let report = wipe(&volume, &m.telemetry).await;
-            if report.error.is_empty() {
-                let _ = volume.write_tombstone(TombstonePhase::Wiped, non_empty(&m.pod.uid));
-            }
+            retire(&volume, &m.telemetry, &m.pod.uid).await;
             return m.refuse(
                 "tombstone",
                 "this pod was released before; its interrupted wipe has now been finished",
@@ -275,8 +272,21 @@ pub async fn run(
     let activation = tokio::select! {
         outcome = exchange.await_claim(resume_proto.clone()) => match outcome {
             ClaimOutcome::Activated(a) => a,
-            ClaimOutcome::Conflict(why) => return m.refuse("claim_conflict", &why),
-            ClaimOutcome::GatewayRefused(why) => return m.refuse("gateway_refused", &why),
+            ClaimOutcome::Conflict(why) => {
+                if resume.is_some() {
+                    // Crashed while bound and another claim answered: the tenant's
+                    // files are still here. Retire them before refusing.
+                    retire(&volume, &m.telemetry, &m.pod.uid).await;
+                }
+                return m.refuse("claim_conflict", &why);
+            }
+            ClaimOutcome::GatewayRefused(why) => {
+                if resume.is_some() {
+                    // Crashed while bound and the claim is gone: retire the files first.
+                    retire(&volume, &m.telemetry, &m.pod.uid).await;
+                }
+                return m.refuse("gateway_refused", &why);
+            }
         },
         sig = m.signals.recv() => {
             // Terminated while warm: no tenant ever ran, nothing to wipe.
@@ -422,7 +432,23 @@ pub async fn run(
     }
 }
 
+/// Release without a workload (a restart after a crash): `released` tombstone, wipe,
+/// `wiped` tombstone. Failures are logged; the caller refuses either way.
+async fn retire(volume: &Arc<Volume>, telemetry: &Telemetry, pod_uid: &str) {
+    if let Err(e) = volume.write_tombstone(TombstonePhase::Released, non_empty(pod_uid)) {
+        tracing::error!(event = "release.tombstone_failed", error = %e, "cannot write the tombstone");
+    }
+    let report = wipe(volume, telemetry).await;
+    if report.error.is_empty() {
+        if let Err(e) = volume.write_tombstone(TombstonePhase::Wiped, non_empty(pod_uid)) {
+            tracing::error!(event = "release.tombstone_failed", error = %e, "cannot mark the tombstone wiped");
+        }
+    }
+}
+
 async fn wipe(volume: &Arc<Volume>, telemetry: &Telemetry) -> proto::ReleaseReport {
+    // Marks the start so operators (and the crash tests) can tell a wipe in progress.
+    tracing::info!(event = "wipe.started", workspace = %volume.workspace_dir().display(), "wiping the workspace");
     let v = volume.clone();
     let result = tokio::task::spawn_blocking(move || v.wipe()).await;
     let mut report = proto::ReleaseReport::default();
@@ -443,7 +469,10 @@ async fn wipe(volume: &Arc<Volume>, telemetry: &Telemetry) -> proto::ReleaseRepo
             report.files_removed = w.files_removed;
             report.bytes_removed = w.bytes_removed;
             report.skipped_mounts = w.skipped_mounts.clone();
-            if !w.fully_wiped {
+            // A mount point is another file system, not tenant data on this volume: it is
+            // reported in `skipped_mounts` and dies with the pod's mount namespace. Anything
+            // else left behind means the wipe did not finish.
+            if !w.skipped.is_empty() {
                 report.error = format!("not everything could be removed: {:?}", w.skipped);
             }
         }

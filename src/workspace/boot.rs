@@ -150,7 +150,17 @@ pub(crate) fn decide(
             TombstonePhase::Released => Ok(BootState::ReleasedNotWiped(t)),
         };
     }
+    let seed_bound = seed.as_ref().and_then(|s| s.bound_claim_uid.clone());
     if let Some(b) = binding {
+        if let Some(sc) = seed_bound.filter(|sc| *sc != b.claim_uid) {
+            return Err(Refusal::new(
+                RefusalReason::TamperedRecord,
+                format!(
+                    "{sup_dir}/seed.json was handed to claim {sc} but binding.json names claim {}",
+                    b.claim_uid
+                ),
+            ));
+        }
         if seed.is_none() {
             return Err(Refusal::new(
                 RefusalReason::TamperedRecord,
@@ -169,6 +179,12 @@ pub(crate) fn decide(
             }
         }
         return Ok(BootState::Bound { seed, binding: b });
+    }
+    if let Some(sc) = seed_bound {
+        return Err(Refusal::new(
+            RefusalReason::TamperedRecord,
+            format!("{sup_dir}/seed.json was handed to claim {sc} but binding.json is missing (deleted?); the workspace may hold that tenant's files"),
+        ));
     }
     if let Some(s) = seed {
         // The seed record's pod is informational: seed content never held tenant data, and

@@ -355,12 +355,23 @@ impl Volume {
                 });
             }
         }
-        if records::read_record::<SeedRecord>(sup, SEED_FILE, "seed", &inner.own, &inner.sup_s)?
-            .is_none()
-        {
+        let Some(mut seed) =
+            records::read_record::<SeedRecord>(sup, SEED_FILE, "seed", &inner.own, &inner.sup_s)?
+        else {
             return Err(WorkspaceError::NotSeeded {
                 path: format!("{}/{SEED_FILE}", inner.sup_s),
                 claim: rec.claim_uid.clone(),
+            });
+        };
+        if let Some(bound) = seed
+            .bound_claim_uid
+            .as_ref()
+            .filter(|c| **c != rec.claim_uid)
+        {
+            return Err(WorkspaceError::AlreadyBound {
+                path: format!("{}/{SEED_FILE}", inner.sup_s),
+                existing: bound.clone(),
+                requested: rec.claim_uid.clone(),
             });
         }
         records::write_record(sup, BINDING_FILE, "binding", rec).map_err(|errno| {
@@ -370,6 +381,18 @@ impl Volume {
                 errno,
             }
         })?;
+        // Second, after the binding is durable: a crash in between leaves a binding with an
+        // unmarked seed, which boot reads as bound (correct).
+        if seed.bound_claim_uid.is_none() {
+            seed.bound_claim_uid = Some(rec.claim_uid.clone());
+            records::write_record(sup, SEED_FILE, "seed", &seed).map_err(|errno| {
+                WorkspaceError::Io {
+                    op: "write",
+                    path: format!("{}/{SEED_FILE}", inner.sup_s),
+                    errno,
+                }
+            })?;
+        }
         tracing::info!(event = "binding.written", claim_uid = %rec.claim_uid, sandbox_id = %rec.sandbox_id, "binding record written");
         Ok(())
     }

@@ -49,6 +49,12 @@ pub struct SeedRecord {
     pub supervisor_version: String,
     pub pod_uid: Option<String>,
     pub completed_at_ms: i64,
+    /// The claim this seed was handed to, added when the binding is written. It makes a
+    /// deleted `binding.json` visible: without it a seed record alone reads as "warm,
+    /// never bound" and the previous tenant's files would go to the next claim.
+    /// Absent (not `null`) until bound, so records written before the field still verify.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bound_claim_uid: Option<String>,
 }
 
 /// Written when a claim binds the pod; a restart may only resume this claim.

@@ -305,6 +305,7 @@ impl Inner {
             supervisor_version: env!("CARGO_PKG_VERSION").to_owned(),
             pod_uid,
             completed_at_ms: fsutil::now_ms(),
+            bound_claim_uid: None,
         };
         records::write_record(self.sup_fd.as_fd(), SEED_FILE, "seed", &record)
             .map_err(|e| io("write", format!("{}/{SEED_FILE}", self.sup_s), e))?;

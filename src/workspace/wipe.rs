@@ -148,8 +148,10 @@ pub(crate) fn wipe_contents(
     report.fully_wiped =
         !walk.aborted && report.skipped.is_empty() && report.skipped_mounts.is_empty();
     report.duration_ms = started.elapsed().as_millis() as u64;
-    tracing::info!(
-        event = "wipe.completed",
+    // Debug only: this walk also cleans staging during seeding; the release's own
+    // `wipe.completed` (lifecycle) is the operator-facing event.
+    tracing::debug!(
+        event = "wipe.walk_finished",
         target_dir = label,
         files = report.files_removed,
         dirs = report.dirs_removed,

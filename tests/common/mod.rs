@@ -393,3 +393,4 @@ pub fn descendants(root: u32) -> Vec<(u32, char)> {
 pub mod docker;
 pub mod exec;
 pub mod identity;
+pub mod workspace;

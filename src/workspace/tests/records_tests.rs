@@ -1,6 +1,7 @@
 use super::super::records::{self, Ownership};
 use super::super::{
-    BindingRecord, BootState, RefusalReason, SeedSource, TombstonePhase, Volume, WorkspaceError,
+    BindingRecord, BootState, RefusalReason, SeedRecord, SeedSource, TombstonePhase, Volume,
+    WorkspaceError,
 };
 use super::*;
 use std::os::unix::fs::symlink;
@@ -55,7 +56,12 @@ fn fresh_seeded_bound_lifecycle() {
     match fx.vol.boot_state(Some("pod-a")).unwrap() {
         BootState::Bound { seed, binding } => {
             assert_eq!(binding.claim_uid, "claim-x");
-            assert_eq!(seed, Some(rec));
+            // The seed record now names the claim it was handed to.
+            let marked = SeedRecord {
+                bound_claim_uid: Some("claim-x".to_owned()),
+                ..rec
+            };
+            assert_eq!(seed, Some(marked));
         }
         other => panic!("expected Bound, got {other:?}"),
     }
@@ -135,6 +141,26 @@ fn seed_record_deleted_under_binding_is_tampering() {
     let fx = seeded(true);
     std::fs::remove_file(fx.sup().join("seed.json")).unwrap();
     assert_eq!(refusal(&fx, Some("pod-a")), RefusalReason::TamperedRecord);
+}
+
+/// The binding record alone deleted: the seed record remembers the claim, so this is not
+/// mistaken for a warm, never-bound pod (which would hand the tenant's files to the next).
+#[test]
+fn binding_deleted_alone_is_tampering_not_warm() {
+    let fx = seeded(true);
+    std::fs::write(fx.ws().join("tenant.txt"), "left by claim-x").unwrap();
+    std::fs::remove_file(fx.sup().join("binding.json")).unwrap();
+    let err = fx.vol.boot_state(Some("pod-a")).unwrap_err();
+    assert_eq!(err.reason, RefusalReason::TamperedRecord, "{err}");
+    assert!(
+        err.detail.contains("claim-x") && err.detail.contains("binding.json"),
+        "{err}"
+    );
+    // And the volume refuses to bind anyone else through the seed record.
+    assert!(matches!(
+        fx.vol.write_binding(&binding("claim-y", "pod-a")),
+        Err(WorkspaceError::AlreadyBound { .. })
+    ));
 }
 
 #[test]
