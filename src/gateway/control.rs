@@ -70,13 +70,20 @@ pub(crate) async fn run_control(
         let mut st = shared.lock();
         accept_hello_locked(&mut st, &claims, &hello, gen, &stop, &tx, hb)
     };
-    let lost = match accepted {
-        Ok(lost) => lost,
+    let (lost, frames) = match accepted {
+        Ok(v) => v,
         Err(status) => {
             let _ = tx.send(Err(status)).await;
             return;
         }
     };
+    // Sent after the lock is released, with backpressure: a Hello listing a thousand
+    // sessions needs a thousand AttachSession frames, more than the channel holds.
+    for f in frames {
+        if tx.send(Ok(f)).await.is_err() {
+            return;
+        }
+    }
     for core in lost {
         core.mark_lost().await;
     }
@@ -113,7 +120,8 @@ pub(crate) async fn run_control(
 }
 
 /// Accepts a Hello under the state lock: queues Accepted, re-attaches and forgets, and
-/// installs the stream as the sandbox's control stream. Returns the sessions found lost.
+/// installs the stream as the sandbox's control stream. Returns the sessions found lost
+/// and the re-attach/forget/release frames to send once the lock is released.
 fn accept_hello_locked(
     st: &mut State,
     claims: &SandboxClaims,
@@ -122,7 +130,7 @@ fn accept_hello_locked(
     stop: &Stop,
     tx: &mpsc::Sender<Result<proto::GatewayMessage, Status>>,
     hb: Duration,
-) -> Result<Vec<Arc<SessionCore>>, Status> {
+) -> Result<(Vec<Arc<SessionCore>>, Vec<proto::GatewayMessage>), Status> {
     let mut lost = Vec::new();
     let sb = st.sandboxes.get_mut(&claims.sandbox_id).ok_or_else(|| {
         Status::not_found(format!(
@@ -140,9 +148,15 @@ fn accept_hello_locked(
             "{why}; release the sandbox"
         )));
     }
-    let mut frames = vec![gw(GwMsg::Accepted(proto::Accepted {
+    // Accepted must be the first frame: queue it under the lock (the channel is fresh,
+    // so it has room) before the stream is installed where OpenSession can reach it.
+    let accepted = gw(GwMsg::Accepted(proto::Accepted {
         heartbeat_interval_ms: hb.as_millis() as u32,
-    }))];
+    }));
+    if tx.try_send(Ok(accepted)).is_err() {
+        return Err(Status::unavailable("control stream closed before Accepted"));
+    }
+    let mut frames = Vec::new();
     let listed: std::collections::HashMap<&str, &proto::SessionState> = hello
         .sessions
         .iter()
@@ -190,12 +204,6 @@ fn accept_hello_locked(
             grace_ms: *grace_ms,
         })));
     }
-    for f in frames {
-        // The channel is fresh and large enough: these are queued before any OpenSession.
-        if tx.try_send(Ok(f)).is_err() {
-            tracing::warn!(event = "gateway.control.frames_overflow", sandbox_id = %claims.sandbox_id, "too many sessions to re-attach in one Hello");
-        }
-    }
     sb.confirmed = true;
     if let Some(old) = sb.control.replace(StreamLink {
         gen,
@@ -207,7 +215,7 @@ fn accept_hello_locked(
             claims.sandbox_id
         ))));
     }
-    Ok(lost)
+    Ok((lost, frames))
 }
 
 async fn handle_control_message(shared: &Shared, sandbox_id: &str, m: proto::SupervisorMessage) {
