@@ -463,7 +463,7 @@ async fn crash_after_binding_with_the_claim_gone_wipes_and_refuses() {
     env.gateway.revoke(sandbox.claim_uid());
     let (sup2, code) = restart_to_exit(&env, &[], Duration::from_secs(30));
     assert_eq!(code, Some(65), "{}", sup2.logs());
-    assert_eq!(refusal(&sup2).as_deref(), Some("claim_conflict"));
+    assert_eq!(refusal(&sup2).as_deref(), Some("gateway_refused"));
     assert!(!sup2.has_event("identity.bound"), "{}", sup2.logs());
     assert_eq!(workspace_left(&env), Vec::<String>::new());
     assert_eq!(tombstone_phase(&env).as_deref(), Some("wiped"));
