@@ -37,7 +37,7 @@ done < <(compgen -e | grep -E '^CARGO_(PKG|BIN)_' || true)
 # not to build scripts and proc macros, which cannot be linked with crt-static.
 # crt-static on the gnu target yields a static-pie executable: no loader, no libc.so.
 RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }-C target-feature=+crt-static" \
-    cargo build --release --locked --target "$target" --bin sandbox-supervisor
+    cargo build --release --locked --no-default-features --target "$target" --bin sandbox-supervisor
 
 built="${CARGO_TARGET_DIR:-target}/$target/release/sandbox-supervisor"
 mkdir -p "$(dirname "$out")"

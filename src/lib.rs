@@ -10,9 +10,11 @@ pub mod proto {
 
 pub mod config;
 pub mod exec;
+#[cfg(feature = "reference-gateway")]
 pub mod gateway;
 pub mod identity;
 pub mod lifecycle;
+#[cfg(feature = "reference-gateway")]
 pub mod local;
 pub mod pid1;
 pub mod relay;

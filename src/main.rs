@@ -42,7 +42,13 @@ fn main() {
                 }
             }
         }
+        #[cfg(feature = "reference-gateway")]
         Command::Local(args) => sandbox_supervisor::local::main(args),
+        #[cfg(not(feature = "reference-gateway"))]
+        Command::Local(_) => {
+            eprintln!("sandbox-supervisor: this build has no reference gateway, so `local` is unavailable; build with the default features (cargo run -- local)");
+            exit::CONFIG
+        }
         Command::Run(cfg) => {
             // Block signals and become subreaper before the runtime creates threads.
             let pid1 = match sandbox_supervisor::pid1::prepare() {

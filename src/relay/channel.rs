@@ -323,7 +323,7 @@ pub fn authed<T>(msg: T, token: &SecretToken) -> Result<tonic::Request<T>, Chann
     Ok(req)
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "reference-gateway"))]
 mod tests {
     use super::*;
     use crate::gateway::pki::TestCa;
