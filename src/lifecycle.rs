@@ -177,12 +177,8 @@ pub async fn run(
         privileged,
     };
     let volume = match Volume::open(&volume_cfg) {
-        Ok((v, caveats)) => {
-            for c in caveats {
-                tracing::warn!(event = "workspace.unprivileged", caveat = %c, "guarantee not given: {c}");
-            }
-            Arc::new(v)
-        }
+        // The workspace logs each guarantee it cannot give (workspace.guarantee_missing).
+        Ok((v, _caveats)) => Arc::new(v),
         Err(e) => return m.refuse("layout", &e.to_string()),
     };
     let boot = match volume.boot_state(non_empty(&m.pod.uid)) {
