@@ -10,5 +10,5 @@ pub mod spawn;
 pub mod spec;
 
 pub use error::ExecError;
-pub use session::{ExecConfig, Session, SessionInputError, Sessions};
+pub use session::{ExecConfig, Session, SessionInputError, Sessions, StdinAccepted};
 pub use spec::{lookup_user, ExecPolicy, User};

@@ -42,7 +42,11 @@ pub struct Session {
     pub is_tty: bool,
     pub stdout: OutputBuffer,
     pub stderr: OutputBuffer,
-    stdin: Mutex<Option<mpsc::Sender<StdinCmd>>>,
+    /// Held across the hand-off to the writer, so offsets are checked and advanced
+    /// atomically even while an old stream's task is still being torn down.
+    stdin: tokio::sync::Mutex<StdinIn>,
+    /// What `stdin` has accepted, readable without waiting (for Hello, Attach, acks).
+    stdin_ack: watch::Sender<StdinAccepted>,
     pty_master: Option<OwnedFd>,
     /// Finds every process of the session, including those that left its group.
     members: Membership,
@@ -52,12 +56,42 @@ pub struct Session {
     pub(crate) attached: Mutex<Option<tokio::task::AbortHandle>>,
 }
 
+/// The session's side of its stdin stream.
+struct StdinIn {
+    /// None once closed (EOF accepted, stdin=false, or the process closed its stdin).
+    tx: Option<mpsc::Sender<StdinCmd>>,
+    /// Bytes handed to the writer so far: the offset the next new byte must have.
+    accepted: u64,
+    /// A `StdinEof` was accepted (so a resent one at the same offset is a duplicate).
+    eof: bool,
+}
+
+/// Stdin accepted so far, as reported in `Attach`, `SessionState` and `StdinAck`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StdinAccepted {
+    pub offset: u64,
+    /// Closed for good: nothing more will be accepted.
+    pub closed: bool,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SessionInputError {
     #[error(
         "stdin of session '{0}' is already closed (after StdinEof, or opened with stdin=false)"
     )]
     StdinClosed(String),
+    #[error("stdin gap in session '{id}': the frame starts at offset {offset} but only {accepted} bytes were accepted; resend from offset {accepted}")]
+    StdinGap {
+        id: String,
+        offset: u64,
+        accepted: u64,
+    },
+    #[error("StdinEof for session '{id}' says {offset} bytes were sent, but {accepted} were already accepted; send the EOF at offset {accepted}")]
+    EofBehind {
+        id: String,
+        offset: u64,
+        accepted: u64,
+    },
     #[error("session '{0}' has no terminal: Resize applies only to sessions opened with tty")]
     NotATty(String),
     #[error("signal {0} is not a valid signal number (1..64)")]
@@ -75,12 +109,12 @@ pub enum SessionInputError {
 impl SessionInputError {
     pub fn to_proto(&self) -> proto::Error {
         let code = match self {
-            SessionInputError::StdinClosed(_) | SessionInputError::NotATty(_) => {
-                proto::ErrorCode::FailedPrecondition
-            }
-            SessionInputError::BadSignal(_) | SessionInputError::BadSize(..) => {
-                proto::ErrorCode::InvalidArgument
-            }
+            SessionInputError::StdinClosed(_)
+            | SessionInputError::NotATty(_)
+            | SessionInputError::StdinGap { .. } => proto::ErrorCode::FailedPrecondition,
+            SessionInputError::BadSignal(_)
+            | SessionInputError::BadSize(..)
+            | SessionInputError::EofBehind { .. } => proto::ErrorCode::InvalidArgument,
             SessionInputError::Signal { .. } => proto::ErrorCode::Internal,
         };
         proto::Error {
@@ -106,42 +140,105 @@ impl Session {
             stderr_end: self.stderr.end(),
             exit: self.exit_status(),
             pid: self.pid,
+            stdin_offset: self.stdin_accepted().offset,
         }
     }
 
-    pub async fn write_stdin(&self, data: Bytes) -> Result<(), SessionInputError> {
-        let tx = self.stdin.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        match tx {
-            // A full queue waits here, which stops reading the session stream: HTTP/2
-            // flow control then pushes back on the gateway.
-            Some(tx) => tx
-                .send(StdinCmd::Data(data))
-                .await
-                .map_err(|_| SessionInputError::StdinClosed(self.id.clone())),
-            None => Err(SessionInputError::StdinClosed(self.id.clone())),
-        }
+    /// Stdin accepted so far (possibly a moment stale: only ever too low).
+    pub fn stdin_accepted(&self) -> StdinAccepted {
+        *self.stdin_ack.borrow()
     }
 
+    /// Changes whenever more stdin is accepted or stdin closes.
+    pub fn subscribe_stdin(&self) -> watch::Receiver<StdinAccepted> {
+        self.stdin_ack.subscribe()
+    }
+
+    fn publish_stdin(&self, st: &StdinIn) {
+        self.stdin_ack.send_replace(StdinAccepted {
+            offset: st.accepted,
+            closed: st.tx.is_none(),
+        });
+    }
+
+    /// Accepts stdin at `offset` (None: a legacy frame, appended at the end). Bytes
+    /// below what was accepted are dropped (a resend), so only a frame's new tail is
+    /// written; a frame past it is a gap. Cancel-safe: nothing is accepted unless the
+    /// hand-off to the writer completed.
+    pub async fn write_stdin(
+        &self,
+        offset: Option<u64>,
+        data: Bytes,
+    ) -> Result<(), SessionInputError> {
+        let mut st = self.stdin.lock().await;
+        let at = offset.unwrap_or(st.accepted);
+        let end = at + data.len() as u64;
+        if at > st.accepted {
+            if st.tx.is_none() {
+                return Err(SessionInputError::StdinClosed(self.id.clone()));
+            }
+            return Err(SessionInputError::StdinGap {
+                id: self.id.clone(),
+                offset: at,
+                accepted: st.accepted,
+            });
+        }
+        if end <= st.accepted && (offset.is_some() || data.is_empty()) {
+            return Ok(()); // already accepted: a resend
+        }
+        let Some(tx) = st.tx.clone() else {
+            return Err(SessionInputError::StdinClosed(self.id.clone()));
+        };
+        let fresh = data.slice((st.accepted - at) as usize..);
+        // A full queue waits here, which stops reading the session stream: HTTP/2
+        // flow control then pushes back on the gateway.
+        if tx.send(StdinCmd::Data(fresh)).await.is_err() {
+            // The writer is gone (the process closed its stdin): closed for good.
+            st.tx = None;
+            self.publish_stdin(&st);
+            return Err(SessionInputError::StdinClosed(self.id.clone()));
+        }
+        st.accepted = end;
+        self.publish_stdin(&st);
+        Ok(())
+    }
+
+    /// Closes stdin once every byte below `offset` was accepted (None: a legacy EOF,
+    /// after whatever was accepted). A resent EOF at the same offset is ignored.
     /// Cancel-safe: the stdin handle is given up only once the EOF is queued.
-    pub async fn close_stdin(&self) -> Result<(), SessionInputError> {
+    pub async fn close_stdin(&self, offset: Option<u64>) -> Result<(), SessionInputError> {
         let closed = || SessionInputError::StdinClosed(self.id.clone());
-        let tx = self.stdin.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let permit = tx
-            .as_ref()
-            .ok_or_else(closed)?
-            .reserve()
-            .await
-            .map_err(|_| closed())?;
-        if self
-            .stdin
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .is_none()
-        {
-            return Err(closed());
+        let mut st = self.stdin.lock().await;
+        let at = offset.unwrap_or(st.accepted);
+        if st.eof && offset.is_some() && at == st.accepted {
+            return Ok(()); // a resent EOF
         }
+        let Some(tx) = st.tx.clone() else {
+            return Err(closed());
+        };
+        if at > st.accepted {
+            return Err(SessionInputError::StdinGap {
+                id: self.id.clone(),
+                offset: at,
+                accepted: st.accepted,
+            });
+        }
+        if at < st.accepted {
+            return Err(SessionInputError::EofBehind {
+                id: self.id.clone(),
+                offset: at,
+                accepted: st.accepted,
+            });
+        }
+        let Ok(permit) = tx.reserve().await else {
+            st.tx = None;
+            self.publish_stdin(&st);
+            return Err(closed());
+        };
         permit.send(StdinCmd::Eof);
+        st.tx = None;
+        st.eof = true;
+        self.publish_stdin(&st);
         Ok(())
     }
 
@@ -386,7 +483,16 @@ impl Sessions {
             is_tty,
             stdout: OutputBuffer::new(cap),
             stderr: OutputBuffer::new(cap),
-            stdin: Mutex::new(has_stdin.then_some(stdin_tx)),
+            stdin: tokio::sync::Mutex::new(StdinIn {
+                tx: has_stdin.then_some(stdin_tx),
+                accepted: 0,
+                eof: false,
+            }),
+            stdin_ack: watch::channel(StdinAccepted {
+                offset: 0,
+                closed: !has_stdin,
+            })
+            .0,
             pty_master,
             members: Membership {
                 leader: spawned.pid,

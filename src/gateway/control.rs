@@ -172,6 +172,8 @@ fn accept_hello_locked(
                     core.inner().pid = Some(state.pid);
                     let _ = open.send(Ok(state.pid));
                 }
+                // Stdin the supervisor already has is never needed again.
+                core.stdin.acked(state.stdin_offset, false);
                 let (stdout_offset, stderr_offset) = core.held();
                 frames.push(gw(GwMsg::AttachSession(proto::AttachSession {
                     session_id: sid.clone(),

@@ -14,6 +14,7 @@ mod sandbox;
 mod server;
 mod sessions;
 mod state;
+mod stdin;
 pub mod tokens;
 
 pub use driver::{
@@ -22,6 +23,7 @@ pub use driver::{
 pub use sandbox::Sandbox;
 pub use sessions::{Exec, ExecEvent, ExecInput, ExecOutput, ACK_EVERY};
 pub use state::{PodStats, PresentedToken};
+pub use stdin::RETAIN_LIMIT as STDIN_RETAIN_LIMIT;
 
 #[cfg(test)]
 mod tests;

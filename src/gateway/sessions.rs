@@ -7,6 +7,7 @@
 //! acks are sent, so only that session's producer is paused on the supervisor.
 
 use super::state::{Shared, StopListener, StopReason, StreamLink};
+use super::stdin::StdinRetention;
 use super::tokens::SandboxClaims;
 use crate::proto;
 use crate::proto::session_down::Msg as DownMsg;
@@ -76,6 +77,8 @@ pub(crate) struct SessionCore {
     /// after EOF, resize without a terminal, an oversized frame). The session goes on.
     pub errors_tx: mpsc::UnboundedSender<proto::Error>,
     pub errors_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<proto::Error>>,
+    /// Stdin written but not yet acknowledged by the supervisor, resent on re-attach.
+    pub stdin: StdinRetention,
 }
 
 impl SessionCore {
@@ -103,6 +106,7 @@ impl SessionCore {
             ack: watch::channel((0, 0)).0,
             errors_tx,
             errors_rx: tokio::sync::Mutex::new(errors_rx),
+            stdin: StdinRetention::default(),
         };
         (Arc::new(core), consumer_rx)
     }
@@ -129,6 +133,7 @@ impl SessionCore {
     /// without an exit.
     pub async fn mark_lost(&self) {
         self.end_stream(StopReason::Clean);
+        self.stdin.finish();
         self.delivery.lock().await.consumer = None;
     }
 }
@@ -193,7 +198,12 @@ pub(crate) async fn run_session_stream(
     tracing::debug!(event = "gateway.session.attached", session_id = %core.id, gen,
         stdout_offset = attach.stdout_offset, stderr_offset = attach.stderr_offset, "session stream attached");
 
-    tokio::spawn(forward_down(Arc::clone(&core), tx.clone(), stop.listener()));
+    tokio::spawn(forward_down(
+        Arc::clone(&core),
+        tx.clone(),
+        stop.listener(),
+        attach.stdin_offset,
+    ));
 
     let mut stopped = stop.listener();
     let outcome: Result<bool, Status> = loop {
@@ -229,6 +239,7 @@ pub(crate) async fn run_session_stream(
                             code = err.code, message = %err.message, "supervisor refused a frame");
                         let _ = core.errors_tx.send(err);
                     }
+                    Some(UpMsg::StdinAck(a)) => core.stdin.acked(a.offset, a.eof),
                     Some(UpMsg::Attach(_)) => {
                         break Err(Status::invalid_argument("Attach is only valid as the first frame of a Session stream"));
                     }
@@ -369,6 +380,7 @@ async fn deliver_exit(
         }
     }
     core.complete.store(true, Ordering::Release);
+    core.stdin.finish();
     drop(d);
     let control = {
         let mut st = shared.lock();
@@ -413,11 +425,25 @@ async fn forward_down(
     core: Arc<SessionCore>,
     tx: mpsc::Sender<Result<proto::SessionDown, Status>>,
     mut stopped: StopListener,
+    stdin_offset: Option<u64>,
 ) {
     let mut rx = tokio::select! {
         rx = core.down_rx.lock() => rx,
         _ = stopped.fired() => return,
     };
+    // Holding the queue, no older stream can send any more: resend what the
+    // supervisor had not accepted, before anything newer. Not requeued if this stream
+    // dies too: it stays retained and the next stream resends it.
+    for frame in core.stdin.resend_from(stdin_offset) {
+        let sent = tokio::select! {
+            biased;
+            _ = stopped.fired() => false,
+            sent = tx.send(Ok(frame)) => sent.is_ok(),
+        };
+        if !sent {
+            return;
+        }
+    }
     let mut ack_rx = core.ack.subscribe();
     let initial = *ack_rx.borrow_and_update();
     let requeued = core.inner().requeued.take();
@@ -466,6 +492,7 @@ async fn send_or_requeue(
     };
     match permit {
         Some(p) => {
+            core.stdin.sent(&frame);
             p.send(Ok(frame));
             true
         }
@@ -526,15 +553,13 @@ impl ExecInput {
         send_down(&self.core, msg).await
     }
 
+    /// Waits while `RETAIN_LIMIT` bytes of stdin are unacknowledged.
     pub async fn write_stdin(&self, data: Bytes) -> anyhow::Result<()> {
-        self.send_down(DownMsg::Stdin(proto::Stdin {
-            data: data.to_vec(),
-        }))
-        .await
+        write_stdin(&self.core, data).await
     }
 
     pub async fn close_stdin(&self) -> anyhow::Result<()> {
-        self.send_down(DownMsg::StdinEof(proto::StdinEof {})).await
+        close_stdin(&self.core).await
     }
 
     pub async fn resize(&self, cols: u32, rows: u32) -> anyhow::Result<()> {
@@ -558,10 +583,38 @@ impl ExecInput {
     }
 }
 
-async fn send_down(core: &SessionCore, msg: DownMsg) -> anyhow::Result<()> {
+fn check_open(core: &SessionCore) -> anyhow::Result<()> {
     if core.complete.load(Ordering::Acquire) {
         anyhow::bail!("session {} has exited; nothing to send to", core.id);
     }
+    Ok(())
+}
+
+async fn reserve_down(core: &SessionCore) -> anyhow::Result<mpsc::Permit<'_, proto::SessionDown>> {
+    core.down_tx
+        .reserve()
+        .await
+        .map_err(|_| anyhow::anyhow!("session {} is closed", core.id))
+}
+
+async fn write_stdin(core: &SessionCore, data: Bytes) -> anyhow::Result<()> {
+    check_open(core)?;
+    core.stdin.room().await;
+    check_open(core)?;
+    let permit = reserve_down(core).await?;
+    core.stdin.send_data(permit, data);
+    Ok(())
+}
+
+async fn close_stdin(core: &SessionCore) -> anyhow::Result<()> {
+    check_open(core)?;
+    let permit = reserve_down(core).await?;
+    core.stdin.send_eof(permit);
+    Ok(())
+}
+
+async fn send_down(core: &SessionCore, msg: DownMsg) -> anyhow::Result<()> {
+    check_open(core)?;
     core.down_tx
         .send(proto::SessionDown { msg: Some(msg) })
         .await
@@ -593,15 +646,13 @@ impl Exec {
         send_down(&self.core, msg).await
     }
 
+    /// Waits while `RETAIN_LIMIT` bytes of stdin are unacknowledged.
     pub async fn write_stdin(&self, data: Bytes) -> anyhow::Result<()> {
-        self.send_down(DownMsg::Stdin(proto::Stdin {
-            data: data.to_vec(),
-        }))
-        .await
+        write_stdin(&self.core, data).await
     }
 
     pub async fn close_stdin(&self) -> anyhow::Result<()> {
-        self.send_down(DownMsg::StdinEof(proto::StdinEof {})).await
+        close_stdin(&self.core).await
     }
 
     pub async fn resize(&self, cols: u32, rows: u32) -> anyhow::Result<()> {

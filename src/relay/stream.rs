@@ -80,6 +80,9 @@ async fn serve(
         session_id: session.id.clone(),
         stdout_offset: stdout_from,
         stderr_offset: stderr_from,
+        // Read before the stream opens: a later value would only be higher, and the
+        // gateway's resend from a lower one is deduplicated by offset.
+        stdin_offset: Some(session.stdin_accepted().offset),
     };
     let _ = tx.send(up(session_up::Msg::Attach(first))).await;
     if let Some(e) = notice {
@@ -102,7 +105,7 @@ async fn serve(
         // what the process is waiting for (its output buffer is full): so frames keep
         // being read while stdin waits, stdin is held here in order, and everything
         // else takes effect on arrival. Bounded: past the read-ahead, reading stops.
-        let mut pending: VecDeque<Option<bytes::Bytes>> = VecDeque::new();
+        let mut pending: VecDeque<HeldStdin> = VecDeque::new();
         let mut pending_bytes = 0usize;
         loop {
             let front = pending.front().cloned();
@@ -110,7 +113,7 @@ async fn serve(
                 biased;
                 written = feed_stdin(&session, front.clone()), if front.is_some() => {
                     pending.pop_front();
-                    if let Some(Some(d)) = &front {
+                    if let Some(HeldStdin::Data(_, d)) = &front {
                         pending_bytes -= d.len();
                     }
                     if let Err(e) = written {
@@ -125,10 +128,10 @@ async fn serve(
                 msg = down.message(), if pending_bytes < STDIN_READAHEAD => match msg {
                     Ok(Some(proto::SessionDown { msg: Some(session_down::Msg::Stdin(s)) })) => {
                         pending_bytes += s.data.len();
-                        pending.push_back(Some(s.data.into()));
+                        pending.push_back(HeldStdin::Data(s.offset, s.data.into()));
                     }
-                    Ok(Some(proto::SessionDown { msg: Some(session_down::Msg::StdinEof(_)) })) => {
-                        pending.push_back(None);
+                    Ok(Some(proto::SessionDown { msg: Some(session_down::Msg::StdinEof(e)) })) => {
+                        pending.push_back(HeldStdin::Eof(e.offset));
                     }
                     Ok(Some(msg)) => {
                         if let Err(e) = apply(&session, msg) {
@@ -190,16 +193,27 @@ async fn serve(
     }
 }
 
-/// Hands one held stdin frame (`None` = EOF) to the session's writer.
-async fn feed_stdin(
-    session: &Session,
-    frame: Option<Option<bytes::Bytes>>,
-) -> Result<(), SessionInputError> {
+/// A stdin frame read ahead of the process, with its offset (None: a legacy frame).
+#[derive(Clone)]
+enum HeldStdin {
+    Data(Option<u64>, bytes::Bytes),
+    Eof(Option<u64>),
+}
+
+/// Hands one held stdin frame to the session's writer.
+async fn feed_stdin(session: &Session, frame: Option<HeldStdin>) -> Result<(), SessionInputError> {
     match frame {
-        Some(Some(data)) => session.write_stdin(data).await,
-        Some(None) => session.close_stdin().await,
+        Some(HeldStdin::Data(offset, data)) => session.write_stdin(offset, data).await,
+        Some(HeldStdin::Eof(offset)) => session.close_stdin(offset).await,
         None => Ok(()),
     }
+}
+
+fn stdin_ack(a: crate::exec::StdinAccepted) -> SessionUp {
+    up(session_up::Msg::StdinAck(proto::StdinAck {
+        offset: a.offset,
+        eof: a.closed,
+    }))
 }
 
 /// Reports a refused frame on the stream; false when the stream is gone.
@@ -235,7 +249,22 @@ async fn send_output(
 ) -> bool {
     let mut cursors = [stdout_from, stderr_from];
     let mut exit_rx = session.subscribe_exit();
+    // Stdin acks ride with the output, so the receiver never waits to send one. The
+    // Attach carried the offset; a closed stdin is said at once so the gateway frees
+    // what it retains.
+    let mut stdin_rx = session.subscribe_stdin();
+    let mut stdin_said = *stdin_rx.borrow_and_update();
+    let mut say_stdin = stdin_said.closed;
     loop {
+        // Coalesced: one ack for however much was accepted since the last one.
+        let now = *stdin_rx.borrow_and_update();
+        if now != stdin_said {
+            stdin_said = now;
+            say_stdin = true;
+        }
+        if std::mem::take(&mut say_stdin) && tx.send(stdin_ack(stdin_said)).await.is_err() {
+            return false;
+        }
         let out_ready = session.stdout.readable();
         let err_ready = session.stderr.readable();
         tokio::pin!(out_ready, err_ready);
@@ -295,6 +324,7 @@ async fn send_output(
             _ = &mut out_ready => {}
             _ = &mut err_ready => {}
             _ = exit_rx.changed() => {}
+            _ = stdin_rx.changed() => {}
         }
     }
 }

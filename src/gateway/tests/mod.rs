@@ -240,6 +240,8 @@ impl Sup {
             session_id: session_id.into(),
             stdout_offset: stdout,
             stderr_offset: stderr,
+            // A supervisor that does not track stdin offsets (the legacy protocol).
+            stdin_offset: None,
         })))
         .await
         .unwrap();

@@ -167,7 +167,8 @@ async fn stdin_queued_while_detached_is_sent_after_attach() {
     assert_eq!(
         got[0],
         DownMsg::Stdin(proto::Stdin {
-            data: b"input".to_vec()
+            data: b"input".to_vec(),
+            offset: Some(0),
         })
     );
     assert_eq!(
@@ -175,7 +176,10 @@ async fn stdin_queued_while_detached_is_sent_after_attach() {
         DownMsg::Resize(proto::Resize { cols: 80, rows: 24 })
     );
     assert_eq!(got[2], DownMsg::Signal(proto::Signal { signal: 15 }));
-    assert_eq!(got[3], DownMsg::StdinEof(proto::StdinEof {}));
+    assert_eq!(
+        got[3],
+        DownMsg::StdinEof(proto::StdinEof { offset: Some(5) })
+    );
 }
 
 #[tokio::test]
@@ -212,6 +216,7 @@ async fn drop_relay_then_hello_reattaches_from_held_offsets() {
             stderr_end: 0,
             exit: None,
             pid: 4242,
+            stdin_offset: 0,
         },
         proto::SessionState {
             session_id: "zombie".into(),
@@ -219,6 +224,7 @@ async fn drop_relay_then_hello_reattaches_from_held_offsets() {
             stderr_end: 0,
             exit: Some(exit0()),
             pid: 7,
+            stdin_offset: 0,
         },
     ];
     let (_tx2, mut ctl2) = sup.connect(listed).await;
