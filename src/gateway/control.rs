@@ -3,7 +3,7 @@
 
 use super::driver::ExecError;
 use super::server::gw;
-use super::sessions::{forget, SessionCore, FIRST_FRAME_TIMEOUT};
+use super::sessions::{first_frame, forget, SessionCore};
 use super::state::{ReleaseState, Shared, State, Stop, StopReason, StreamLink};
 use super::tokens::SandboxClaims;
 use crate::proto;
@@ -22,27 +22,20 @@ pub(crate) async fn run_control(
     mut inbound: Streaming<proto::SupervisorMessage>,
     tx: mpsc::Sender<Result<proto::GatewayMessage, Status>>,
 ) {
-    let hello = match tokio::time::timeout(FIRST_FRAME_TIMEOUT, inbound.message()).await {
-        Ok(Ok(Some(proto::SupervisorMessage {
-            msg: Some(SupMsg::Hello(h)),
-        }))) => h,
-        Ok(Ok(Some(_))) => {
-            let _ = tx
-                .send(Err(Status::invalid_argument(
-                    "the first frame of a Connect stream must be Hello",
-                )))
-                .await;
-            return;
-        }
-        Ok(Ok(None)) | Ok(Err(_)) => return,
-        Err(_) => {
-            let _ = tx
-                .send(Err(Status::invalid_argument(format!(
-                    "no Hello within {FIRST_FRAME_TIMEOUT:?} of opening the Connect stream"
-                ))))
-                .await;
-            return;
-        }
+    let hello = match first_frame(
+        &mut inbound,
+        &tx,
+        "Connect",
+        "Hello",
+        |m: proto::SupervisorMessage| match m.msg {
+            Some(SupMsg::Hello(h)) => Some(h),
+            _ => None,
+        },
+    )
+    .await
+    {
+        Some(h) => h,
+        None => return,
     };
     if hello.sandbox_id != claims.sandbox_id {
         let _ = tx

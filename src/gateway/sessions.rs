@@ -29,6 +29,42 @@ const DOWN_FRAMES: usize = 64;
 /// The first frame of a stream must arrive within this.
 pub(crate) const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Reads the first frame of a stream and takes the one message it must be (`Hello` on
+/// Connect, `Attach` on Session). Anything else, or nothing within
+/// [`FIRST_FRAME_TIMEOUT`], is answered with `INVALID_ARGUMENT` naming what was expected;
+/// `None` means the stream is over.
+pub(crate) async fn first_frame<Up, Down, T>(
+    inbound: &mut Streaming<Up>,
+    tx: &mpsc::Sender<Result<Down, Status>>,
+    rpc: &str,
+    expected: &str,
+    take: impl FnOnce(Up) -> Option<T>,
+) -> Option<T> {
+    let refuse = |why: String| async {
+        let _ = tx.send(Err(Status::invalid_argument(why))).await;
+    };
+    match tokio::time::timeout(FIRST_FRAME_TIMEOUT, inbound.message()).await {
+        Ok(Ok(Some(msg))) => match take(msg) {
+            Some(v) => Some(v),
+            None => {
+                refuse(format!(
+                    "the first frame of a {rpc} stream must be {expected}"
+                ))
+                .await;
+                None
+            }
+        },
+        Ok(Ok(None)) | Ok(Err(_)) => None,
+        Err(_) => {
+            refuse(format!(
+                "no {expected} frame within {FIRST_FRAME_TIMEOUT:?} of opening the {rpc} stream"
+            ))
+            .await;
+            None
+        }
+    }
+}
+
 /// What the consumer of an exec session sees, in order; `Exited` is last.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ExecEvent {
@@ -146,27 +182,20 @@ pub(crate) async fn run_session_stream(
     mut inbound: Streaming<proto::SessionUp>,
     tx: mpsc::Sender<Result<proto::SessionDown, Status>>,
 ) {
-    let attach = match tokio::time::timeout(FIRST_FRAME_TIMEOUT, inbound.message()).await {
-        Ok(Ok(Some(proto::SessionUp {
-            msg: Some(UpMsg::Attach(a)),
-        }))) => a,
-        Ok(Ok(Some(_))) => {
-            let _ = tx
-                .send(Err(Status::invalid_argument(
-                    "the first frame of a Session stream must be Attach",
-                )))
-                .await;
-            return;
-        }
-        Ok(Ok(None)) | Ok(Err(_)) => return,
-        Err(_) => {
-            let _ = tx
-                .send(Err(Status::invalid_argument(format!(
-                    "no Attach frame within {FIRST_FRAME_TIMEOUT:?} of opening the Session stream"
-                ))))
-                .await;
-            return;
-        }
+    let attach = match first_frame(
+        &mut inbound,
+        &tx,
+        "Session",
+        "Attach",
+        |m: proto::SessionUp| match m.msg {
+            Some(UpMsg::Attach(a)) => Some(a),
+            _ => None,
+        },
+    )
+    .await
+    {
+        Some(a) => a,
+        None => return,
     };
 
     let gen = shared.next_gen();
