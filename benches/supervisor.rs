@@ -64,11 +64,7 @@ fn main() {
 }
 
 async fn run(quick: bool) -> Vec<Row> {
-    let launch = if can_unshare() {
-        Launch::Pid1
-    } else {
-        Launch::Subreaper
-    };
+    let launch = launch();
     eprintln!("bench: launch={launch:?} quick={quick} binary={BIN}");
     let mut rows = vec![];
     rows.push(bind(launch, if quick { 5 } else { 20 }).await);

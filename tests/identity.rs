@@ -19,16 +19,6 @@ fn claim_opts(claim_uid: &str) -> ClaimOptions {
     }
 }
 
-/// How many `identity.register_failed` lines; the reason of the last one.
-fn register_failures(sup: &Supervisor) -> (usize, String) {
-    let ev = events_named(sup, "identity.register_failed");
-    let last = ev
-        .last()
-        .map(|e| e["reason"].as_str().unwrap_or_default().to_owned())
-        .unwrap_or_default();
-    (ev.len(), last)
-}
-
 /// The kubelet rotates the projected token between Register and IssueSandboxToken: the
 /// supervisor presents the new one (re-read on every use, never cached). Readiness
 /// follows: 200 parked, 200 bound.

@@ -11,16 +11,6 @@ use sandbox_supervisor::gateway::pki::{ServerTls, TestCa, Validity};
 use sandbox_supervisor::gateway::ClaimOptions;
 use std::time::{Duration, Instant};
 
-/// How many `identity.register_failed` lines; the reason of the last one.
-fn register_failures(sup: &Supervisor) -> (usize, String) {
-    let ev = events_named(sup, "identity.register_failed");
-    let last = ev
-        .last()
-        .map(|e| e["reason"].as_str().unwrap_or_default().to_owned())
-        .unwrap_or_default();
-    (ev.len(), last)
-}
-
 /// Wrong CA, wrong server name, expired server certificate: the supervisor never
 /// parks, says why in its log, stays not ready, and retries with backoff, not a spin.
 /// A garbage CA bundle at boot is a configuration error (exit 64) naming the file.

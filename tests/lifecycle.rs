@@ -9,11 +9,7 @@ use std::time::Duration;
 /// warm → activation → bound → sessions → release → exit 0, with every basic exec shape.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_lifecycle_runs_sessions_and_releases() {
-    let launch = if can_unshare() {
-        Launch::Pid1
-    } else {
-        Launch::Subreaper
-    };
+    let launch = launch();
     let env = Env::new("lifecycle").await;
     let (mut sup, sandbox) = env.bound(launch).await;
 
@@ -94,13 +90,7 @@ async fn full_lifecycle_runs_sessions_and_releases() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_executable_is_not_found_and_the_next_session_works() {
     let env = Env::new("notfound").await;
-    let (_sup, sandbox) = env
-        .bound(if can_unshare() {
-            Launch::Pid1
-        } else {
-            Launch::Subreaper
-        })
-        .await;
+    let (_sup, sandbox) = env.bound(launch()).await;
     let Err(err) = sandbox.exec(spec(&["definitely-not-a-program"])).await else {
         panic!("must fail")
     };

@@ -61,11 +61,7 @@ async fn readiness_follows_the_lifecycle_and_metrics_parse() {
     let env = Env::new("obs").await;
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let launch = if can_unshare() {
-        Launch::Pid1
-    } else {
-        Launch::Subreaper
-    };
+    let launch = launch();
     let (seen, watcher) = watch_readiness(port);
     let (mut sup, sandbox) = env.bound_with(launch, &["--listen-probes", &listen]).await;
 
@@ -196,11 +192,7 @@ async fn readiness_follows_the_lifecycle_and_metrics_parse() {
 async fn refused_supervisor_is_never_ready_and_exits_65() {
     let env = Env::new("obsref").await;
     // A tombstone from an earlier tenant: the pod must never be handed out again.
-    let launch = if can_unshare() {
-        Launch::Pid1
-    } else {
-        Launch::Subreaper
-    };
+    let launch = launch();
     let (mut sup, sandbox) = env.bound(launch).await;
     sandbox
         .release(

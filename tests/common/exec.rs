@@ -4,46 +4,15 @@
 use super::*;
 use sandbox_supervisor::gateway::{Exec, ExecEvent};
 
-/// PID 1 of a new namespace where possible, else a subreaper child.
-pub fn launch() -> Launch {
-    if can_unshare() {
-        Launch::Pid1
-    } else {
-        Launch::Subreaper
-    }
-}
-
 impl Env {
     /// Like `spawn`, but the supervisor dials `gateway` (e.g. a `FaultyLink` in front of
     /// the reference gateway) instead of the gateway itself.
     pub fn spawn_via(&self, gateway: &str, launch: Launch, extra: &[&str]) -> Supervisor {
-        let log = self
-            .dir
-            .0
-            .join(format!("supervisor-{:04x}.log", rand::random::<u16>()));
         let mut args = self.run_args();
         let i = args.iter().position(|a| a == "--gateway").unwrap();
         args[i + 1] = gateway.to_string();
         args.extend(extra.iter().map(|s| s.to_string()));
-        let mut cmd = match launch {
-            Launch::Pid1 => {
-                let mut c = Command::new("unshare");
-                c.args(["--pid", "--fork", "--mount-proc", "--kill-child", BIN]);
-                c
-            }
-            Launch::Subreaper => Command::new(BIN),
-        };
-        cmd.args(&args)
-            .env_clear()
-            .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
-        Supervisor {
-            child: Some(cmd.spawn().expect("spawn supervisor")),
-            log,
-            launch,
-        }
+        self.spawn_args(launch, args)
     }
 
     /// `bound_with` through another endpoint.
@@ -53,27 +22,8 @@ impl Env {
         launch: Launch,
         extra: &[&str],
     ) -> (Supervisor, Sandbox) {
-        let sup = self.spawn_via(gateway, launch, extra);
-        if let Err(e) = self
-            .gateway
-            .wait_parked(&self.pod.pod_name, Duration::from_secs(30))
+        self.claim_when_parked(self.spawn_via(gateway, launch, extra))
             .await
-        {
-            panic!("not parked: {e:#}\n{}", sup.logs());
-        }
-        let sandbox = self
-            .gateway
-            .claim(&self.pod.pod_name, ClaimOptions::default())
-            .await
-            .unwrap();
-        if let Err(e) = self
-            .gateway
-            .wait_connected(sandbox.id(), Duration::from_secs(30))
-            .await
-        {
-            panic!("not connected: {e:#}\n{}", sup.logs());
-        }
-        (sup, sandbox)
     }
 
     /// The `https://localhost:PORT` (or http) endpoint of a link on this machine.

@@ -240,6 +240,16 @@ pub async fn wait_readyz(port: u16, want: u16, timeout: Duration) -> Result<(), 
 }
 
 /// Log lines with `event == name`.
+/// How many `identity.register_failed` lines; the reason of the last one.
+pub fn register_failures(sup: &Supervisor) -> (usize, String) {
+    let ev = events_named(sup, "identity.register_failed");
+    let last = ev
+        .last()
+        .map(|e| e["reason"].as_str().unwrap_or_default().to_owned())
+        .unwrap_or_default();
+    (ev.len(), last)
+}
+
 pub fn events_named(sup: &Supervisor, name: &str) -> Vec<serde_json::Value> {
     sup.events()
         .into_iter()

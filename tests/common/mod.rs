@@ -32,6 +32,15 @@ pub fn can_unshare() -> bool {
             .unwrap_or(false)
 }
 
+/// PID 1 of a new namespace where possible, else a subreaper child.
+pub fn launch() -> Launch {
+    if can_unshare() {
+        Launch::Pid1
+    } else {
+        Launch::Subreaper
+    }
+}
+
 macro_rules! require {
     ($cond:expr, $why:expr) => {
         if !$cond {
@@ -208,12 +217,17 @@ impl Env {
     }
 
     pub fn spawn(&self, launch: Launch, extra: &[&str]) -> Supervisor {
+        let mut args = self.run_args();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        self.spawn_args(launch, args)
+    }
+
+    /// Starts the supervisor with exactly these `run` arguments, its log in the env dir.
+    pub fn spawn_args(&self, launch: Launch, args: Vec<String>) -> Supervisor {
         let log = self
             .dir
             .0
             .join(format!("supervisor-{:04x}.log", rand::random::<u16>()));
-        let mut args = self.run_args();
-        args.extend(extra.iter().map(|s| s.to_string()));
         let mut cmd = match launch {
             Launch::Pid1 => {
                 let mut c = Command::new("unshare");
@@ -242,7 +256,11 @@ impl Env {
     }
 
     pub async fn bound_with(&self, launch: Launch, extra: &[&str]) -> (Supervisor, Sandbox) {
-        let sup = self.spawn(launch, extra);
+        self.claim_when_parked(self.spawn(launch, extra)).await
+    }
+
+    /// Waits for `sup` to park, claims the pod and waits for the relay.
+    pub async fn claim_when_parked(&self, sup: Supervisor) -> (Supervisor, Sandbox) {
         let parked = self
             .gateway
             .wait_parked(&self.pod.pod_name, Duration::from_secs(30))
