@@ -150,6 +150,7 @@ impl Relay {
         let (tx, rx) = mpsc::channel::<SupervisorMessage>(256);
         let mut hello = self.hello.clone();
         hello.sessions = self.sessions.states();
+        let listed = hello.sessions.len();
         let _ = tx
             .send(SupervisorMessage {
                 msg: Some(supervisor_message::Msg::Hello(hello)),
@@ -204,7 +205,7 @@ impl Relay {
             self.telemetry.metrics.relay_reconnects_total.inc();
             tracing::info!(
                 event = "relay.reconnected",
-                sessions = self.sessions.states().len(),
+                sessions = listed,
                 "relay reconnected"
             );
         } else {
