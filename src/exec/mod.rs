@@ -1,6 +1,7 @@
 //! Exec sessions: resolving a request, spawning it (pipes or PTY, privilege drop), its
 //! I/O pumps and replay buffers, timeouts, and exit status.
 
+mod child;
 mod error;
 pub mod kill;
 pub mod output;

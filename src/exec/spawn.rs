@@ -2,10 +2,8 @@
 //! holds none of the supervisor's privileges, signal state or file descriptors.
 
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
@@ -13,6 +11,7 @@ use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
 use nix::pty::{openpty, Winsize};
 use tokio::sync::oneshot;
 
+use super::child;
 use super::spec::Resolved;
 use super::ExecError;
 use crate::pid1::{ExitInfo, Reaper};
@@ -96,39 +95,66 @@ pub fn spawn(
     creds: Option<Credentials>,
     reaper: &Reaper,
 ) -> Result<Spawned, ExecError> {
-    // The child changes directory itself, after dropping privileges (see
-    // `child_hardening`), so exec must not depend on the supervisor's cwd.
+    let spawn_error = |source: std::io::Error| ExecError::Spawn {
+        program: r.argv[0].to_string_lossy().into(),
+        source,
+    };
+    // The child changes directory itself, after dropping privileges, so exec must not
+    // depend on the supervisor's cwd.
     let program = if r.program.is_absolute() {
         r.program.clone()
     } else {
         r.cwd.join(&r.program)
     };
-    let cwd = CString::new(r.cwd.as_os_str().as_bytes()).map_err(|_| ExecError::BadCwd {
-        cwd: r.cwd.display().to_string(),
-        why: "contains a NUL byte".into(),
-    })?;
-    let mut cmd = Command::new(&program);
-    cmd.arg0(&r.argv[0])
-        .args(&r.argv[1..])
-        .env_clear()
-        .envs(r.env.iter().map(|(k, v)| (k, v)));
+    // `resolve` refused NUL bytes in argv and env; the paths are checked here.
+    let c_path = |p: &std::path::Path, what: &str| {
+        CString::new(p.as_os_str().as_bytes()).map_err(|_| ExecError::BadCwd {
+            cwd: p.display().to_string(),
+            why: format!("the {what} contains a NUL byte"),
+        })
+    };
+    let cwd = c_path(&r.cwd, "working directory")?;
+    let program = c_path(&program, "program path")?;
+    let argv: Vec<CString> = r
+        .argv
+        .iter()
+        .filter_map(|a| CString::new(a.as_bytes()).ok())
+        .collect();
+    let envp: Vec<CString> = r
+        .env
+        .iter()
+        .filter_map(|(k, v)| {
+            let mut kv = k.as_bytes().to_vec();
+            kv.push(b'=');
+            kv.extend_from_slice(v.as_bytes());
+            CString::new(kv).ok()
+        })
+        .collect();
 
     let is_pty = matches!(io, Io::Pty { .. });
-    let (stdin, stdout, stderr) = match io {
+    // The child's ends (closed here once it has exec'd) and the parent's.
+    let (child_stdio, stdin, stdout, stderr): ([OwnedFd; 3], _, _, _) = match io {
         Io::Pipes { stdin } => {
-            let parent_stdin = if stdin {
+            let (parent_stdin, child_stdin) = if stdin {
                 let (parent, child) = pipe_for(false)?;
-                cmd.stdin(Stdio::from(child));
-                Some(parent)
+                (Some(parent), child)
             } else {
-                cmd.stdin(Stdio::null());
-                None
+                let null = nix::fcntl::open(
+                    "/dev/null",
+                    OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+                    nix::sys::stat::Mode::empty(),
+                )
+                .map_err(setup("/dev/null for stdin"))?;
+                (None, null)
             };
             let (out_parent, out_child) = pipe_for(true)?;
             let (err_parent, err_child) = pipe_for(true)?;
-            cmd.stdout(Stdio::from(out_child))
-                .stderr(Stdio::from(err_child));
-            (parent_stdin, out_parent, Some(err_parent))
+            (
+                [child_stdin, out_child, err_child],
+                parent_stdin,
+                out_parent,
+                Some(err_parent),
+            )
         }
         Io::Pty { cols, rows } => {
             // The size is set before the child exists, so its first read of the window
@@ -145,45 +171,59 @@ pub fn spawn(
             fcntl(&pty.slave, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))
                 .map_err(setup("pseudo-terminal"))?;
             set_nonblocking(&pty.master)?;
+            let dup = |fd: &OwnedFd| fd.try_clone().map_err(spawn_error);
             let slave = pty.slave;
-            let dup = |fd: &OwnedFd| {
-                fd.try_clone().map_err(|e| ExecError::Spawn {
-                    program: r.argv[0].to_string_lossy().into(),
-                    source: e,
-                })
-            };
-            cmd.stdin(Stdio::from(dup(&slave)?))
-                .stdout(Stdio::from(dup(&slave)?))
-                .stderr(Stdio::from(slave));
             let master = pty.master;
-            (Some(dup(&master)?), master, None)
+            (
+                [dup(&slave)?, dup(&slave)?, slave],
+                Some(dup(&master)?),
+                master,
+                None,
+            )
         }
     };
+    let [a, b, c] = child_stdio;
+    let raise = |fd| child::above_stdio(fd).map_err(setup("stdio descriptors"));
+    let child_stdio = [raise(a)?, raise(b)?, raise(c)?];
 
-    let nofile = ORIGINAL_NOFILE_SOFT.load(Ordering::Relaxed);
-    // SAFETY: the closure runs between fork and exec in the child and only makes
-    // async-signal-safe syscalls (setsid, ioctl, sigaction, sigprocmask, setrlimit,
-    // close_range/fcntl, setgroups/setgid/setuid, chdir, prctl); it allocates nothing
-    // (the cwd C string is built before the fork and moved in).
-    unsafe {
-        cmd.pre_exec(move || child_hardening(is_pty, creds, &cwd, nofile));
-    }
+    let (argv_ptrs, envp_ptrs) = (child::pointers(&argv), child::pointers(&envp));
+    let plan = child::ChildPlan {
+        program: &program,
+        argv: &argv_ptrs,
+        envp: &envp_ptrs,
+        stdio: [
+            child_stdio[0].as_fd(),
+            child_stdio[1].as_fd(),
+            child_stdio[2].as_fd(),
+        ],
+        is_pty,
+        creds,
+        cwd: &cwd,
+        nofile_soft: ORIGINAL_NOFILE_SOFT.load(Ordering::Relaxed),
+    };
 
     let started_at = Instant::now();
+    // Held until the waiter is registered, so even an instant exit is dispatched here.
     let mut guard = reaper.spawn_guard();
-    let child = cmd.spawn().map_err(|source| ExecError::Spawn {
-        program: r.argv[0].to_string_lossy().into(),
-        source,
+    let pid = child::start(&plan).map_err(|(step, errno)| {
+        let source = std::io::Error::from_raw_os_error(errno as i32);
+        match step {
+            child::Step::Exec => spawn_error(source),
+            _ => ExecError::Spawn {
+                program: r.argv[0].to_string_lossy().into(),
+                source: std::io::Error::new(
+                    source.kind(),
+                    format!("{}: {source}", step.describe()),
+                ),
+            },
+        }
     })?;
-    let pid = child.id();
     let exit = guard.watch(pid);
     // Read while the reaper is locked out: the process (or its zombie) still exists.
     let start_time = super::kill::start_time(pid).unwrap_or(0);
     drop(guard);
-    // Dropping `Child` never waits; the reaper owns the exit. Dropping `cmd` closes the
-    // child's ends of the pipes in this process, so EOF is seen when the child exits.
-    drop(child);
-    drop(cmd);
+    // The child's ends close here, so EOF is seen once the child and its heirs exit.
+    drop(child_stdio);
     Ok(Spawned {
         pid,
         stdin,
@@ -193,80 +233,6 @@ pub fn spawn(
         started_at,
         start_time,
     })
-}
-
-/// Runs in the child after fork: its own session, the terminal as controlling tty,
-/// default signal dispositions and an empty mask, the original fd limit, no inherited
-/// fds beyond 0-2, then the identity switch, the working directory and `no_new_privs`.
-///
-/// The identity switch is done here rather than with `Command::uid/gid`: std applies
-/// those *before* `pre_exec` and always clears the supplementary groups, and its
-/// `groups()` is unstable. DESIGN says "supplementary groups cleared"; we deviate on
-/// purpose: the list holds exactly one group, the session's marker, which owns no
-/// files and which the unprivileged child can never drop (no CAP_SETGID, and
-/// `no_new_privs` stops setuid binaries from granting it). Order matters: setgroups
-/// and setgid need root, so they come before setuid. The chdir follows the switch so
-/// the directory is entered with the user's permissions, as with std's `current_dir`.
-fn child_hardening(
-    is_pty: bool,
-    creds: Option<Credentials>,
-    cwd: &CString,
-    nofile_soft: u64,
-) -> std::io::Result<()> {
-    let fail = || Err(std::io::Error::last_os_error());
-    // SAFETY (whole fn): raw libc calls that are async-signal-safe; see `spawn`.
-    unsafe {
-        if libc::setsid() < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        if is_pty && libc::ioctl(0, libc::TIOCSCTTY as _, 0) < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        for sig in 1..libc::SIGRTMAX() {
-            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                libc::signal(sig, libc::SIG_DFL);
-            }
-        }
-        let mut empty: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut empty);
-        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-        if libc::syscall(
-            libc::SYS_close_range,
-            3u32,
-            u32::MAX,
-            libc::CLOSE_RANGE_CLOEXEC,
-        ) < 0
-        {
-            // Kernels before 5.11: mark the usual range close-on-exec one by one.
-            for fd in 3..4096 {
-                libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
-            }
-        }
-        if nofile_soft > 0 {
-            let mut lim: libc::rlimit = std::mem::zeroed();
-            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
-                lim.rlim_cur = nofile_soft as libc::rlim_t;
-                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-            }
-        }
-        if let Some(c) = creds {
-            let groups: [libc::gid_t; 1] = [c.marker.unwrap_or(0)];
-            let n = usize::from(c.marker.is_some());
-            if libc::setgroups(n, groups.as_ptr()) < 0
-                || libc::setgid(c.gid) < 0
-                || libc::setuid(c.uid) < 0
-            {
-                return fail();
-            }
-        }
-        if libc::chdir(cwd.as_ptr()) < 0 {
-            return fail();
-        }
-        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
-            return fail();
-        }
-    }
-    Ok(())
 }
 
 /// Sets a PTY's window size; the kernel sends SIGWINCH to its foreground group.
