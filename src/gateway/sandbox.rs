@@ -1,7 +1,8 @@
 //! A claimed sandbox as the driver sees it: exec sessions and release.
 
 use super::driver::ExecError;
-use super::sessions::{Exec, SessionCore};
+use super::exec_handle::Exec;
+use super::sessions::SessionCore;
 use super::state::{ReleaseState, Shared};
 use crate::proto;
 use crate::proto::gateway_message::Msg as GwMsg;
@@ -114,6 +115,53 @@ impl Sandbox {
                 Err(e)
             }
         }
+    }
+
+    /// Sends `AttachSession{session_id, offsets}` as given, to probe how the supervisor
+    /// answers an id it may not know. Returns the `Failed` error it reports, or None if
+    /// none arrives within `wait` (it knew the session). For tests and diagnostics;
+    /// sessions opened with `exec` are re-attached automatically.
+    pub async fn attach_raw(
+        &self,
+        session_id: &str,
+        stdout_offset: u64,
+        stderr_offset: u64,
+        wait: Duration,
+    ) -> anyhow::Result<Option<super::ExecError>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let control = {
+            let mut st = self.shared.lock();
+            let Some(sb) = st.sandboxes.get_mut(&self.id) else {
+                anyhow::bail!("sandbox {} is not known to this gateway", self.id);
+            };
+            let Some(control) = sb.control.as_ref().map(|c| c.tx.clone()) else {
+                anyhow::bail!("sandbox {} is not connected; wait_connected first", self.id);
+            };
+            // A Failed event for this id resolves the same waiter an open would.
+            sb.pending_opens.insert(session_id.to_owned(), tx);
+            control
+        };
+        let msg = proto::GatewayMessage {
+            msg: Some(proto::gateway_message::Msg::AttachSession(
+                proto::AttachSession {
+                    session_id: session_id.to_owned(),
+                    stdout_offset,
+                    stderr_offset,
+                },
+            )),
+        };
+        control
+            .send(Ok(msg))
+            .await
+            .map_err(|_| anyhow::anyhow!("the control stream of sandbox {} closed", self.id))?;
+        let answer = tokio::time::timeout(wait, rx).await;
+        if let Some(sb) = self.shared.lock().sandboxes.get_mut(&self.id) {
+            sb.pending_opens.remove(session_id);
+        }
+        Ok(match answer {
+            Ok(Ok(Err(e))) => Some(e),
+            _ => None,
+        })
     }
 
     /// Sends `Release` (now, or right after the next Accepted if not connected) and
