@@ -167,3 +167,45 @@ async fn session_cap_is_resource_exhausted_and_frees_up() {
         }
     }
 }
+
+/// An `OpenSession` past the 4 MiB message limit could not be decoded by the
+/// supervisor: the reference gateway refuses to send one and tells the caller why
+/// (the limit, and to pass large data through stdin). The relay never notices; a
+/// session that fits, even one carrying its megabytes on stdin, works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_open_session_is_refused_by_the_gateway_naming_the_limit() {
+    let env = Env::new("open-too-large").await;
+    let (sup, sandbox) = env.bound(launch()).await;
+    let limit = sandbox_supervisor::relay::channel::MAX_MESSAGE_BYTES;
+
+    let big = "x".repeat(limit + 1);
+    let e = sandbox.exec(spec(&["echo", &big])).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::InvalidArgument, "{e}");
+    assert!(
+        e.message.contains(&limit.to_string()) && e.message.contains("stdin"),
+        "{e}"
+    );
+    // The same through env, split over many variables.
+    let mut s = spec(&["true"]);
+    for i in 0..5 {
+        s.env.insert(format!("BIG_{i}"), "y".repeat(limit / 4));
+    }
+    let e = sandbox.exec(s).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::InvalidArgument, "{e}");
+    assert!(e.message.contains(&limit.to_string()), "{e}");
+
+    // What the message points to works: the bytes on stdin.
+    let mut s = spec(&["wc", "-c"]);
+    s.stdin = true;
+    let exec = sandbox.exec(s).await.unwrap();
+    for piece in big.as_bytes().chunks(1 << 20) {
+        exec.write_stdin(piece.to_vec().into()).await.unwrap();
+    }
+    exec.close_stdin().await.unwrap();
+    let out = exec.collect().await.unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        big.len().to_string()
+    );
+    assert!(!sup.has_event("relay.disconnected"), "{}", sup.logs());
+}

@@ -6,6 +6,7 @@ use super::sessions::SessionCore;
 use super::state::{ReleaseState, Shared};
 use crate::proto;
 use crate::proto::gateway_message::Msg as GwMsg;
+use crate::relay::channel::MAX_MESSAGE_BYTES;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
@@ -30,6 +31,26 @@ impl std::fmt::Debug for Sandbox {
 /// How long `exec` waits for Started/Failed.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Refuses an `OpenSession` the supervisor could not decode. Past the message limit
+/// the frame would break the supervisor's control stream (it reconnects, and the
+/// session never starts), so the caller hears here what to do instead.
+fn check_open_size(open: &proto::GatewayMessage) -> Result<(), ExecError> {
+    let size = prost::Message::encoded_len(open);
+    if size <= MAX_MESSAGE_BYTES {
+        return Ok(());
+    }
+    Err(ExecError {
+        code: proto::ErrorCode::InvalidArgument,
+        message: format!(
+            "the exec request is {size} bytes, over the relay's message limit of {MAX_MESSAGE_BYTES} bytes \
+             ({} MiB): argv, env, cwd and user travel in one OpenSession frame. Pass large data on stdin \
+             instead (ExecSpec.stdin = true: any total size, written in pieces under the limit), or in a \
+             file in the workspace",
+            MAX_MESSAGE_BYTES >> 20
+        ),
+    })
+}
+
 impl Sandbox {
     pub fn id(&self) -> &str {
         &self.id
@@ -42,6 +63,13 @@ impl Sandbox {
     /// Opens a session and waits until the supervisor reports it started or failed.
     pub async fn exec(&self, spec: proto::ExecSpec) -> Result<Exec, ExecError> {
         let session_id = super::driver::short_id("s");
+        let open = proto::GatewayMessage {
+            msg: Some(GwMsg::OpenSession(proto::OpenSession {
+                session_id: session_id.clone(),
+                spec: Some(spec),
+            })),
+        };
+        check_open_size(&open)?;
         let (open_tx, open_rx) = oneshot::channel();
         let (core, rx) = SessionCore::new(session_id.clone());
         let control = {
@@ -65,12 +93,6 @@ impl Sandbox {
             sb.sessions.insert(session_id.clone(), Arc::clone(&core));
             sb.pending_opens.insert(session_id.clone(), open_tx);
             control
-        };
-        let open = proto::GatewayMessage {
-            msg: Some(GwMsg::OpenSession(proto::OpenSession {
-                session_id: session_id.clone(),
-                spec: Some(spec),
-            })),
         };
         let forget_on_error = |this: &Self| {
             let mut st = this.shared.lock();
