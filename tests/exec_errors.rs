@@ -209,3 +209,80 @@ async fn oversized_open_session_is_refused_by_the_gateway_naming_the_limit() {
     );
     assert!(!sup.has_event("relay.disconnected"), "{}", sup.logs());
 }
+
+/// Another gateway sends an `OpenSession` past the message limit: the supervisor
+/// cannot decode it, so the control stream is lost. It says so (`relay.frame_too_large`,
+/// naming the limit), reconnects, and every session keeps running with nothing lost;
+/// the oversized session never starts and the next one works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_control_frame_reconnects_and_keeps_every_session() {
+    let env = Env::new("control-too-large").await;
+    let (mut sup, sandbox) = env.bound(launch()).await;
+    let limit = sandbox_supervisor::relay::channel::MAX_MESSAGE_BYTES;
+    let mut c = spec(&["cat"]);
+    c.stdin = true;
+    let mut cat = sandbox.exec(c).await.unwrap();
+    cat.write_stdin("before\n".into()).await.unwrap();
+    let mut seen = Vec::new();
+    read_until(&mut cat, &mut seen, "before\n", T).await;
+
+    let open = proto::GatewayMessage {
+        msg: Some(proto::gateway_message::Msg::OpenSession(
+            proto::OpenSession {
+                session_id: "s-oversized".into(),
+                spec: Some(spec(&["echo", &"x".repeat(limit + 1)])),
+            },
+        )),
+    };
+    sandbox.send_control_raw(open).await.unwrap();
+    assert!(
+        sup.wait_events("relay.frame_too_large", 1, T).await,
+        "{}",
+        sup.logs()
+    );
+    assert!(
+        sup.wait_events("relay.reconnected", 1, T).await,
+        "{}",
+        sup.logs()
+    );
+    let ev = sup
+        .events()
+        .into_iter()
+        .find(|e| e["event"] == "relay.frame_too_large")
+        .unwrap();
+    assert_eq!(ev["limit"], limit, "{ev}");
+    assert_eq!(ev["level"], "warn", "{ev}");
+    env.gateway
+        .wait_connected(sandbox.id(), T)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", sup.logs()));
+
+    // The session spanning the drop is intact, in both directions.
+    cat.write_stdin("after\n".into()).await.unwrap();
+    cat.close_stdin().await.unwrap();
+    let out = cat.collect().await.unwrap();
+    seen.extend_from_slice(&out.stdout);
+    assert_eq!(seen, b"before\nafter\n");
+    assert_eq!(out.exit.status, 0);
+    let out = sandbox
+        .exec(spec(&["echo", "next"]))
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    assert_eq!(out.stdout, b"next\n");
+    assert!(
+        !sup.events()
+            .iter()
+            .any(|e| e["event"] == "session.started" && e["session_id"] == "s-oversized"),
+        "{}",
+        sup.logs()
+    );
+    assert_eq!(
+        sup.wait_exit(Duration::from_millis(100)),
+        None,
+        "{}",
+        sup.logs()
+    );
+}

@@ -186,6 +186,26 @@ impl Sandbox {
         })
     }
 
+    /// Sends `msg` on the control stream exactly as given, bypassing every check the
+    /// other calls make (the message limit included), to see how a supervisor copes
+    /// with what another gateway might send. For tests and diagnostics.
+    pub async fn send_control_raw(&self, msg: proto::GatewayMessage) -> anyhow::Result<()> {
+        let control = {
+            let st = self.shared.lock();
+            let Some(sb) = st.sandboxes.get(&self.id) else {
+                anyhow::bail!("sandbox {} is not known to this gateway", self.id);
+            };
+            let Some(control) = sb.control.as_ref().map(|c| c.tx.clone()) else {
+                anyhow::bail!("sandbox {} is not connected; wait_connected first", self.id);
+            };
+            control
+        };
+        control
+            .send(Ok(msg))
+            .await
+            .map_err(|_| anyhow::anyhow!("the control stream of sandbox {} closed", self.id))
+    }
+
     /// Sends `Release` (now, or right after the next Accepted if not connected) and
     /// waits up to `timeout` for the ReleaseReport. Afterwards the claim is released
     /// (refresh → PERMISSION_DENIED) and the pod is never reused.
