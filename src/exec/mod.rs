@@ -7,9 +7,11 @@ pub mod kill;
 pub mod output;
 mod pumps;
 mod session;
+mod sessions;
 pub mod spawn;
 pub mod spec;
 
 pub use error::ExecError;
-pub use session::{ExecConfig, Session, SessionInputError, Sessions, StdinAccepted};
+pub use session::{Session, SessionInputError, StdinAccepted};
+pub use sessions::{ExecConfig, Sessions};
 pub use spec::{lookup_user, ExecPolicy, User};

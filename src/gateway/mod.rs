@@ -5,6 +5,7 @@
 
 mod control;
 mod driver;
+mod exec_handle;
 pub mod issuer;
 pub mod link;
 mod net;
@@ -20,8 +21,8 @@ pub mod tokens;
 pub use driver::{
     ClaimDelivery, ClaimOptions, ExecError, GatewayConfig, ParkedPod, Push, ReferenceGateway,
 };
+pub use exec_handle::{Exec, ExecEvent, ExecInput, ExecOutput, ACK_EVERY};
 pub use sandbox::Sandbox;
-pub use sessions::{Exec, ExecEvent, ExecInput, ExecOutput, ACK_EVERY};
 pub use state::{PodStats, PresentedToken};
 pub use stdin::RETAIN_LIMIT as STDIN_RETAIN_LIMIT;
 

@@ -93,6 +93,8 @@ enum Attempt {
     Dropped {
         was_accepted: bool,
         why: String,
+        /// The gateway sent a control frame past the message limit.
+        oversized: bool,
     },
 }
 
@@ -106,6 +108,7 @@ impl Relay {
         let mut on_accepted = Some(on_accepted);
         let mut backoff = Backoff::default();
         let mut ever_accepted = false;
+        let mut last_oversized = false;
         let mut channel = self.channel.clone();
         loop {
             // The warm channel is used once; after a drop a fresh one is built, since
@@ -126,11 +129,21 @@ impl Relay {
                 .await
             {
                 Attempt::End(end) => return end,
-                Attempt::Dropped { was_accepted, why } => {
+                Attempt::Dropped {
+                    was_accepted,
+                    why,
+                    oversized,
+                } => {
                     if was_accepted {
                         ever_accepted = true;
-                        backoff.reset();
+                        // A gateway that sends its oversized frame again on every new
+                        // stream must not make us reconnect in a tight loop: after the
+                        // first such drop, the backoff keeps growing.
+                        if !(oversized && last_oversized) {
+                            backoff.reset();
+                        }
                     }
+                    last_oversized = oversized;
                     let delay = backoff.next_delay();
                     tracing::warn!(event = "relay.disconnected", reason = %why, retry_in_ms = delay.as_millis() as u64, "relay dropped; reconnecting");
                     tokio::time::sleep(delay).await;
@@ -146,7 +159,11 @@ impl Relay {
         on_accepted: &mut Option<tokio::sync::oneshot::Sender<()>>,
         reconnect: bool,
     ) -> Attempt {
-        let dropped = |why: String, was_accepted: bool| Attempt::Dropped { was_accepted, why };
+        let dropped = |why: String, was_accepted: bool| Attempt::Dropped {
+            was_accepted,
+            why,
+            oversized: false,
+        };
         let (tx, rx) = mpsc::channel::<SupervisorMessage>(256);
         let mut hello = self.hello.clone();
         hello.sessions = self.sessions.states();
@@ -199,7 +216,7 @@ impl Relay {
                     false,
                 )
             }
-            Err(status) => return self.classify(status, false),
+            Err(status) => return self.lost_down(status, false),
         };
         if reconnect {
             self.telemetry.metrics.relay_reconnects_total.inc();
@@ -237,7 +254,7 @@ impl Relay {
                             }
                         }
                         Ok(None) => return dropped("gateway ended the control stream".into(), true),
-                        Err(status) => return self.classify(status, true),
+                        Err(status) => return self.lost_down(status, true),
                     }
                 }
                 ev = events.recv() => {
@@ -270,7 +287,33 @@ impl Relay {
             code => Attempt::Dropped {
                 was_accepted,
                 why: format!("{code:?}: {}", status.message()),
+                oversized: false,
             },
+        }
+    }
+
+    /// The control stream's down side failed. A frame past the message limit cannot be
+    /// decoded, and nothing after it on the stream can be either: the stream is lost,
+    /// but only the stream. Sessions keep running, the next `Hello` lists them, and the
+    /// gateway learns nothing about the oversized frame (its session never started).
+    fn lost_down(&self, status: tonic::Status, was_accepted: bool) -> Attempt {
+        if status.code() != tonic::Code::OutOfRange {
+            return self.classify(status, was_accepted);
+        }
+        tracing::warn!(
+            event = "relay.frame_too_large",
+            limit = channel::MAX_MESSAGE_BYTES,
+            error = status.message(),
+            "the gateway sent a control frame past the message limit; it cannot be decoded, so the control stream is lost. Reconnecting; sessions keep running"
+        );
+        Attempt::Dropped {
+            was_accepted,
+            why: format!(
+                "a control frame exceeded the {} byte message limit ({})",
+                channel::MAX_MESSAGE_BYTES,
+                status.message()
+            ),
+            oversized: true,
         }
     }
 

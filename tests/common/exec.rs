@@ -4,6 +4,18 @@
 use super::*;
 use sandbox_supervisor::gateway::{Exec, ExecEvent};
 
+/// How long a test waits for output it expects.
+pub const T: Duration = Duration::from_secs(15);
+
+/// A terminal of `cols` x `rows` for `ExecSpec.tty`.
+pub fn tty(cols: u32, rows: u32) -> Option<proto::Tty> {
+    Some(proto::Tty {
+        cols,
+        rows,
+        term: "xterm".into(),
+    })
+}
+
 impl Env {
     /// Like `spawn`, but the supervisor dials `gateway` (e.g. a `FaultyLink` in front of
     /// the reference gateway) instead of the gateway itself.

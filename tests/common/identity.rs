@@ -13,12 +13,20 @@ use sandbox_supervisor::gateway::issuer::{
     write_annotations, write_projected, LocalIssuer, PodSpec,
 };
 use sandbox_supervisor::gateway::pki::{ServerTls, TestCa, Validity};
-use sandbox_supervisor::gateway::{GatewayConfig, ReferenceGateway};
+use sandbox_supervisor::gateway::{ClaimOptions, GatewayConfig, ReferenceGateway};
 use sandbox_supervisor::identity::SecretToken;
 
 use super::{is_root, Env, Launch, Supervisor, TempDir, AUDIENCE, BIN};
 
 pub const CLAIM_KEY: &str = "agents.x-k8s.io/claim-uid";
+
+/// A claim of the given uid.
+pub fn claim_opts(claim_uid: &str) -> ClaimOptions {
+    ClaimOptions {
+        claim_uid: Some(claim_uid.to_owned()),
+        ..Default::default()
+    }
+}
 
 pub struct Setup {
     pub server_validity: Validity,

@@ -372,6 +372,14 @@ pub fn sh(script: &str) -> proto::ExecSpec {
     spec(&["/bin/sh", "-c", script])
 }
 
+/// A test's scale knob: the variable `name` as a number, else `default`.
+pub fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// (pid, ppid, state) of every process in /proc.
 pub fn processes() -> Vec<(u32, u32, char)> {
     let mut out = vec![];

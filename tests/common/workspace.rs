@@ -304,3 +304,38 @@ pub fn tombstone_phase(env: &Env) -> Option<String> {
 pub fn path_exists_nofollow(p: &Path) -> bool {
     std::fs::symlink_metadata(p).is_ok()
 }
+
+/// Why the workspace end-to-end tests skip.
+pub const NEED: &str = "needs root and unshare --pid --mount-proc (PID + mount namespaces)";
+
+/// After a release, a restart refuses (exit 65, `tombstone`) without ever registering.
+pub fn restart_refuses_without_registering(env: &Env, want: &str) -> Supervisor {
+    let before = env.gateway.stats(&env.pod.pod_name).register_attempts;
+    let (sup, code) = restart_to_exit(env, &[], Duration::from_secs(30));
+    assert_eq!(code, Some(65), "{}", sup.logs());
+    assert_eq!(refusal(&sup).as_deref(), Some(want), "{}", sup.logs());
+    assert_eq!(
+        env.gateway.stats(&env.pod.pod_name).register_attempts,
+        before,
+        "a refused supervisor registered with the gateway\n{}",
+        sup.logs()
+    );
+    assert!(!sup.has_event("identity.parked"), "{}", sup.logs());
+    sup
+}
+
+/// `SSV_WIPE_FILES`: how many small files the scale and mid-wipe tests plant.
+pub fn wipe_files() -> usize {
+    std::env::var("SSV_WIPE_FILES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000)
+}
+
+/// Creates `n` one-byte files in directories of 1,000 (perl: one process, fast).
+pub fn many_files_script(n: usize) -> String {
+    format!(
+        "perl -e 'my $n = {n}; mkdir \"many\" or die; for my $i (0 .. $n - 1) {{ my $d = int($i / 1000); \
+         mkdir \"many/$d\" if $i % 1000 == 0; open(my $f, \">\", \"many/$d/f$i\") or die \"$!\"; print $f \"x\"; close $f }}'"
+    )
+}
