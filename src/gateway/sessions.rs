@@ -341,7 +341,7 @@ async fn deliver_output(
     if end <= have {
         return Ok(true); // a replayed duplicate
     }
-    let fresh = Bytes::from(out.data).slice((have - out.offset) as usize..);
+    let fresh = out.data.slice((have - out.offset) as usize..);
     let event = if is_stdout {
         ExecEvent::Stdout(fresh)
     } else {

@@ -107,7 +107,7 @@ impl StdinRetention {
             }
         }
         permit.send(down(DownMsg::Stdin(proto::Stdin {
-            data: data.to_vec(),
+            data,
             offset: Some(offset),
         })));
     }
@@ -170,7 +170,7 @@ impl StdinRetention {
                 break;
             }
             frames.push(down(DownMsg::Stdin(proto::Stdin {
-                data: data.to_vec(),
+                data: data.clone(),
                 offset: Some(*off),
             })));
         }

@@ -128,7 +128,7 @@ async fn serve(
                 msg = down.message(), if pending_bytes < STDIN_READAHEAD => match msg {
                     Ok(Some(proto::SessionDown { msg: Some(session_down::Msg::Stdin(s)) })) => {
                         pending_bytes += s.data.len();
-                        pending.push_back(HeldStdin::Data(s.offset, s.data.into()));
+                        pending.push_back(HeldStdin::Data(s.offset, s.data));
                     }
                     Ok(Some(proto::SessionDown { msg: Some(session_down::Msg::StdinEof(e)) })) => {
                         pending.push_back(HeldStdin::Eof(e.offset));
@@ -286,7 +286,7 @@ async fn send_output(
                     let frame = proto::Output {
                         stream: kind as i32,
                         offset: cursors[i],
-                        data: data.into(),
+                        data,
                     };
                     if tx.send(up(session_up::Msg::Output(frame))).await.is_err() {
                         return false;
