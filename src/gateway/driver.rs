@@ -48,6 +48,10 @@ pub struct GatewayConfig {
     /// window too, so this must be many stream windows, or one consumer that stops
     /// reading stalls every session on the connection.
     pub http2_connection_window: u32,
+    /// Largest HTTP/2 frame a supervisor may send. Output frames are up to 256 KiB; at
+    /// h2's default of 16 KiB each is cut in 16 pieces, and that per-frame work was
+    /// what bounded one session's throughput (BENCHMARKS.md).
+    pub http2_max_frame_size: u32,
 }
 
 impl GatewayConfig {
@@ -65,8 +69,9 @@ impl GatewayConfig {
             park_expiry_margin: Duration::from_secs(30),
             http2_keepalive_interval: Duration::from_secs(10),
             http2_keepalive_timeout: Duration::from_secs(5),
-            http2_stream_window: 256 * 1024,
+            http2_stream_window: 1024 * 1024,
             http2_connection_window: 32 * 1024 * 1024,
+            http2_max_frame_size: 256 * 1024,
         }
     }
 }
@@ -176,6 +181,7 @@ async fn serve(
         .http2_keepalive_timeout(Some(cfg.http2_keepalive_timeout))
         .initial_stream_window_size(Some(cfg.http2_stream_window))
         .initial_connection_window_size(Some(cfg.http2_connection_window))
+        .max_frame_size(Some(cfg.http2_max_frame_size))
         .tcp_nodelay(true);
     if let Some(tls) = tls.or(cfg.tls.as_ref()) {
         builder = builder.tls_config(tls.to_tonic())?;
