@@ -46,6 +46,11 @@ fn rss_kib(pid: u32, field: &str) -> u64 {
 }
 
 fn main() {
+    // The supervisor logs at its shipped level: debug events (h2's among them) per
+    // frame would be measured otherwise. Set before any thread exists.
+    if std::env::var_os("SSV_LOG_LEVEL").is_none() {
+        std::env::set_var("SSV_LOG_LEVEL", "info");
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
     // `--only NAME`: just the rows whose name contains NAME (bind, idle, exec, tls,

@@ -207,7 +207,8 @@ impl Env {
             "--log-format".into(),
             "json".into(),
             "--log-level".into(),
-            "debug".into(),
+            // Tests read debug events; the bench runs at the shipped level (info).
+            std::env::var("SSV_LOG_LEVEL").unwrap_or_else(|_| "debug".into()),
         ];
         match &self.ca {
             Some(ca) => a.extend(["--gateway-ca".into(), p(ca)]),
