@@ -32,9 +32,12 @@ use super::spawn::Credentials;
 /// because an overflow would land in the supervisor's memory.
 const CHILD_STACK: usize = 256 * 1024;
 
-/// The set-up step that failed in the child, for the error message.
+/// The set-up step that failed in the child (or the clone before it), for the error
+/// message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
+    /// In the parent: blocking signals or the clone itself (e.g. EAGAIN at the pid limit).
+    Clone,
     NewSession,
     Stdio,
     ControllingTerminal,
@@ -48,7 +51,8 @@ pub enum Step {
 }
 
 impl Step {
-    const ALL: [Step; 10] = [
+    const ALL: [Step; 11] = [
+        Step::Clone,
         Step::NewSession,
         Step::Stdio,
         Step::ControllingTerminal,
@@ -63,6 +67,7 @@ impl Step {
 
     pub fn describe(self) -> &'static str {
         match self {
+            Step::Clone => "creating the process (clone)",
             Step::NewSession => "setsid",
             Step::Stdio => "setting up stdin/stdout/stderr",
             Step::ControllingTerminal => "taking the terminal as controlling tty",
@@ -102,7 +107,7 @@ pub fn pointers(strings: &[CString]) -> Vec<*const libc::c_char> {
 }
 
 /// Starts the child. Returns its pid once it has exec'd, or the step that failed (the
-/// child has then exited; the reaper collects it).
+/// child has then exited; the reaper collects it. [`Step::Clone`]: there is no child).
 pub fn start(plan: &ChildPlan<'_>) -> Result<u32, (Step, Errno)> {
     debug_assert!(plan.argv.last().is_some_and(|p| p.is_null()));
     debug_assert!(plan.envp.last().is_some_and(|p| p.is_null()));
@@ -113,7 +118,7 @@ pub fn start(plan: &ChildPlan<'_>) -> Result<u32, (Step, Errno)> {
     let all = SigSet::all();
     let mut saved = SigSet::empty();
     pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&all), Some(&mut saved))
-        .map_err(|e| (Step::NewSession, e))?;
+        .map_err(|e| (Step::Clone, e))?;
     let child_fn = Box::new(|| child(plan, &failure));
     // SAFETY: CLONE_VFORK suspends this thread until the child execs or exits, so the
     // plan, `failure` and `stack` outlive every use the child makes of them; the child
@@ -127,7 +132,7 @@ pub fn start(plan: &ChildPlan<'_>) -> Result<u32, (Step, Errno)> {
         )
     };
     let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&saved), None);
-    let pid = cloned.map_err(|e| (Step::NewSession, e))?;
+    let pid = cloned.map_err(|e| (Step::Clone, e))?;
     match failure.load(Ordering::SeqCst) {
         0 => Ok(pid.as_raw() as u32),
         f => {
