@@ -286,3 +286,400 @@ async fn oversized_control_frame_reconnects_and_keeps_every_session() {
         sup.logs()
     );
 }
+
+/// Open fds of `pid`, or `None` when /proc does not let us look (not root: the
+/// supervisor is non-dumpable).
+fn fd_count(pid: u32) -> Option<usize> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()
+        .map(|d| d.count())
+}
+
+/// Waits until no zombie is left under `root`: the reaper collected every exit.
+async fn wait_no_zombies(root: u32, timeout: Duration) -> Vec<(u32, char)> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let zombies: Vec<_> = descendants(root)
+            .into_iter()
+            .filter(|&(_, st)| st == 'Z')
+            .collect();
+        if zombies.is_empty() || Instant::now() > deadline {
+            return zombies;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A file with the exec bit but neither `#!` nor an ELF header: spec resolution lets it
+/// through (it checks the mode only), `execve` in the child fails with ENOEXEC and the
+/// gateway gets FAILED_PRECONDITION naming the program. (std's `Command`, used before
+/// the clone-based start, went through glibc's `execvp`, which hands such a file to
+/// /bin/sh: this open "succeeded" with a shell's exit status.) The failed child leaves
+/// no zombie, repeated failures leave no fd behind in the supervisor, and the next
+/// session works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_format_error_is_failed_precondition_naming_the_program() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new("enoexec").await;
+    let (sup, sandbox) = env.bound(launch()).await;
+    let root = sup.host_pid();
+    let prog = env.volume().join("workspace/not-a-program");
+    std::fs::write(&prog, b"neither a script nor ELF\n\x00\x01\x02\x03\n").unwrap();
+    std::fs::set_permissions(&prog, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    let e = sandbox.exec(spec(&["./not-a-program"])).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::FailedPrecondition, "{e}");
+    assert!(
+        e.message.contains("'./not-a-program'") && e.message.contains("Exec format error"),
+        "{e}"
+    );
+    let out = sandbox
+        .exec(spec(&["/bin/true"]))
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    assert_eq!(out.exit.status, 0, "{out:?}");
+
+    // The same failure again and again: each one closes every fd it opened (the
+    // child's three, the parent's two) and its child is reaped.
+    let before = fd_count(root);
+    for _ in 0..20 {
+        let e = sandbox.exec(spec(&["./not-a-program"])).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::FailedPrecondition, "{e}");
+    }
+    let after = fd_count(root);
+    match (before, after) {
+        (Some(before), Some(after)) => assert!(
+            after < before + 10,
+            "the supervisor's fds grew from {before} to {after} over 20 failed spawns"
+        ),
+        _ => eprintln!("fd count not checked: /proc/{root}/fd is not readable"),
+    }
+    let zombies = wait_no_zombies(root, T).await;
+    assert!(
+        zombies.is_empty(),
+        "zombies left: {zombies:?}\n{}",
+        sup.logs()
+    );
+    let out = sandbox
+        .exec(spec(&["echo", "next"]))
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    assert_eq!(out.stdout, b"next\n");
+}
+
+/// A working directory the sandbox user cannot enter: spec resolution checks it as
+/// root and passes it, and the child's `chdir`, made after the switch to the sandbox
+/// user, fails. PERMISSION_DENIED, the message naming the step and the directory; the
+/// same directory works once the user may enter it, and so does the next session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cwd_the_sandbox_user_cannot_enter_fails_in_the_child_as_permission_denied() {
+    use std::os::unix::fs::PermissionsExt;
+    require!(
+        is_root(),
+        "without root sessions run as the supervisor's user, who can enter its own dirs"
+    );
+    let env = Env::new("cwd-denied").await;
+    let (_sup, sandbox) = env.bound(launch()).await;
+    let user = nix::unistd::User::from_name(&env.sandbox_user)
+        .unwrap()
+        .expect("the sandbox user exists");
+    assert_ne!(user.uid.as_raw(), 0);
+    let dir = env.volume().join("workspace/private");
+    std::fs::create_dir(&dir).unwrap();
+    let mode = |m| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(m)).unwrap();
+    let mut s = sh("pwd; id -u");
+    s.cwd = "private".into();
+
+    // Root's directory, open to others: the session runs there as the sandbox user.
+    mode(0o755);
+    let out = sandbox
+        .exec(s.clone())
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{}\n{}\n", dir.display(), user.uid),
+        "{out:?}"
+    );
+
+    // 0700: only root may enter.
+    mode(0o700);
+    let e = sandbox.exec(s.clone()).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::PermissionDenied, "{e}");
+    assert!(
+        e.message
+            .contains("starting '/bin/sh' failed: entering the working directory")
+            && e.message.contains(&format!("'{}'", dir.display()))
+            && e.message.contains("Permission denied"),
+        "{e}"
+    );
+    let out = sandbox
+        .exec(spec(&["/bin/true"]))
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    assert_eq!(out.exit.status, 0, "{out:?}");
+    mode(0o755);
+    let out = sandbox.exec(s).await.unwrap().collect().await.unwrap();
+    assert_eq!(out.exit.status, 0, "{out:?}");
+}
+
+/// `/proc/<pid>/status` of a process as (name, value) lines.
+fn proc_status(pid: u32) -> Vec<(String, String)> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.to_string(), v.trim().to_string()))
+        .collect()
+}
+
+fn field<'a>(status: &'a [(String, String)], name: &str) -> &'a str {
+    status
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+        .unwrap_or_else(|| panic!("no {name} in {status:?}"))
+}
+
+fn hex_field(status: &[(String, String)], name: &str) -> u64 {
+    u64::from_str_radix(field(status, name), 16).unwrap()
+}
+
+fn numbers(s: &str) -> Vec<u32> {
+    s.split_whitespace().map(|x| x.parse().unwrap()).collect()
+}
+
+/// The supervisor's direct child whose command line is exactly `argv`.
+async fn leader(root: u32, argv: &[&str]) -> u32 {
+    let want: Vec<u8> = argv
+        .iter()
+        .flat_map(|a| [a.as_bytes(), b"\0"].concat())
+        .collect();
+    let deadline = Instant::now() + T;
+    loop {
+        let found = processes().into_iter().find(|&(pid, ppid, _)| {
+            ppid == root && std::fs::read(format!("/proc/{pid}/cmdline")).ok() == Some(want.clone())
+        });
+        if let Some((pid, _, _)) = found {
+            return pid;
+        }
+        assert!(Instant::now() < deadline, "no child {argv:?} of {root}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// An fd the supervisor inherits without close-on-exec, as from a runtime that leaks one.
+const INHERITED_FD: i32 = 9;
+
+/// `env.spawn(launch(), &[])`, but the supervisor starts holding /dev/null as
+/// [`INHERITED_FD`] without close-on-exec: only the child's `close_range` keeps it from
+/// the sessions (every fd the supervisor opens itself is close-on-exec anyway).
+fn spawn_with_open_fd(env: &Env) -> Supervisor {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let launch = launch();
+    let log = env.dir.0.join("supervisor-inherited-fd.log");
+    let mut cmd = match launch {
+        Launch::Pid1 => {
+            let mut c = std::process::Command::new("unshare");
+            c.args(["--pid", "--fork", "--mount-proc", "--kill-child", BIN]);
+            c
+        }
+        Launch::Subreaper => std::process::Command::new(BIN),
+    };
+    let null = std::fs::File::open("/dev/null").unwrap();
+    let fd = null.as_raw_fd();
+    cmd.args(env.run_args())
+        .env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    // SAFETY: dup2 only, between fork and exec; the copy has no FD_CLOEXEC.
+    unsafe {
+        cmd.pre_exec(move || match libc::dup2(fd, INHERITED_FD) {
+            -1 => Err(std::io::Error::last_os_error()),
+            _ => Ok(()),
+        });
+    }
+    let child = cmd.spawn().expect("spawn supervisor");
+    drop(null);
+    Supervisor {
+        child: Some(child),
+        log,
+        launch,
+    }
+}
+
+/// The state the child sets up before `execve`, seen on session leaders that are the
+/// exec'd program itself (no shell in between to change it), for each kind of stdio:
+/// stdin from /dev/null, stdin on a pipe, a terminal. Only fds 0-2 (the supervisor holds
+/// sockets, a signalfd, its log..., and one fd without close-on-exec), no blocked or ignored signal (the supervisor blocks
+/// the signals it reads from its signalfd, ignores SIGPIPE, and blocks everything while
+/// it clones; started through glibc's posix_spawn, as here, it also ignores signal 32,
+/// which glibc's `signal()` cannot reset), no_new_privs, a session and process group of its own (and on a terminal,
+/// that terminal as its controlling tty with the leader in the foreground), the sandbox
+/// uid and gid with exactly one supplementary group, the session's marker, and the
+/// clean environment only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_leaders_start_with_stdio_only_clean_signals_and_the_sandbox_identity() {
+    require!(
+        is_root(),
+        "the identity switch and the marker group need root"
+    );
+    let env = Env::new("child-state").await;
+    let (sup, sandbox) = env.claim_when_parked(spawn_with_open_fd(&env)).await;
+    let root = sup.host_pid();
+    let user = nix::unistd::User::from_name(&env.sandbox_user)
+        .unwrap()
+        .expect("the sandbox user exists");
+    let (uid, gid) = (user.uid.as_raw(), user.gid.as_raw());
+    assert_ne!(uid, 0);
+
+    // What a child must not keep is there to be kept: otherwise the checks below
+    // would pass whatever the child did.
+    let own = proc_status(root);
+    assert_ne!(hex_field(&own, "SigBlk"), 0, "{own:?}");
+    assert_ne!(
+        hex_field(&own, "SigIgn") & (1 << (libc::SIGPIPE - 1)),
+        0,
+        "{own:?}"
+    );
+    assert_eq!(field(&own, "NoNewPrivs"), "0", "{own:?}");
+    assert_eq!(numbers(field(&own, "Uid")), [0; 4], "{own:?}");
+    assert!(fd_count(root).unwrap() > 5, "the supervisor's fds");
+    let inherited = std::fs::read_to_string(format!("/proc/{root}/fdinfo/{INHERITED_FD}"))
+        .expect("the supervisor holds the fd it inherited");
+    let flags = inherited
+        .lines()
+        .find_map(|l| l.strip_prefix("flags:"))
+        .map(|f| u32::from_str_radix(f.trim(), 8).unwrap())
+        .unwrap();
+    assert_eq!(flags & libc::O_CLOEXEC as u32, 0, "{inherited}");
+
+    let mut null_stdin = spec(&["sleep", "1001"]);
+    null_stdin.stdin = false;
+    let mut pipe_stdin = spec(&["sleep", "1002"]);
+    pipe_stdin.stdin = true;
+    let mut terminal = spec(&["sleep", "1003"]);
+    terminal.tty = tty(80, 24);
+    let mut execs = Vec::new();
+    for (s, kind) in [
+        (null_stdin, "null"),
+        (pipe_stdin, "pipe"),
+        (terminal, "tty"),
+    ] {
+        let argv = s.argv.clone();
+        execs.push(sandbox.exec(s).await.unwrap());
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let pid = leader(root, &argv).await;
+        let what = format!("{kind} leader {pid} {argv:?}");
+
+        let mut fds: Vec<(u32, String)> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let target = std::fs::read_link(e.path()).unwrap();
+                (
+                    e.file_name().to_str().unwrap().parse().unwrap(),
+                    target.display().to_string(),
+                )
+            })
+            .collect();
+        fds.sort();
+        let numbers_open: Vec<u32> = fds.iter().map(|(n, _)| *n).collect();
+        assert_eq!(numbers_open, [0, 1, 2], "{what}: {fds:?}");
+        let t: Vec<&str> = fds.iter().map(|(_, t)| t.as_str()).collect();
+        match kind {
+            "null" => {
+                assert_eq!(t[0], "/dev/null", "{what}: {fds:?}");
+                assert!(
+                    t[1].starts_with("pipe:") && t[2].starts_with("pipe:"),
+                    "{what}: {fds:?}"
+                );
+                assert_ne!(t[1], t[2], "{what}: {fds:?}");
+            }
+            "pipe" => {
+                assert!(t.iter().all(|t| t.starts_with("pipe:")), "{what}: {fds:?}");
+                assert!(
+                    t[0] != t[1] && t[1] != t[2] && t[0] != t[2],
+                    "{what}: {fds:?}"
+                );
+            }
+            _ => {
+                assert!(t[0].starts_with("/dev/pts/"), "{what}: {fds:?}");
+                assert!(t[0] == t[1] && t[1] == t[2], "{what}: {fds:?}");
+            }
+        }
+
+        let st = proc_status(pid);
+        assert_eq!(hex_field(&st, "SigBlk"), 0, "{what}: {st:?}");
+        assert_eq!(hex_field(&st, "SigIgn"), 0, "{what}: {st:?}");
+        assert_eq!(field(&st, "NoNewPrivs"), "1", "{what}: {st:?}");
+        assert_eq!(numbers(field(&st, "Uid")), [uid; 4], "{what}: {st:?}");
+        assert_eq!(numbers(field(&st, "Gid")), [gid; 4], "{what}: {st:?}");
+        let groups = numbers(field(&st, "Groups"));
+        assert!(
+            groups.len() == 1 && groups[0] >= 2_000_000_000,
+            "{what}: exactly the marker group: {st:?}"
+        );
+
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let f: Vec<i64> = stat[stat.rfind(')').unwrap() + 4..]
+            .split(' ')
+            .take(5)
+            .map(|x| x.parse().unwrap())
+            .collect();
+        // ppid pgrp session tty_nr tpgid
+        let (pgrp, session, tty_nr, tpgid) = (f[1], f[2], f[3], f[4]);
+        assert_eq!((pgrp, session), (pid as i64, pid as i64), "{what}: {stat}");
+        if kind == "tty" {
+            assert!(tty_nr != 0 && tpgid == pid as i64, "{what}: {stat}");
+        } else {
+            assert_eq!(tty_nr, 0, "{what}: no controlling tty: {stat}");
+        }
+
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+        let mut names: Vec<String> = environ
+            .split(|&b| b == 0)
+            .filter(|kv| !kv.is_empty())
+            .map(|kv| String::from_utf8_lossy(kv).into_owned())
+            .collect();
+        let path = names
+            .iter()
+            .find_map(|kv| kv.strip_prefix("PATH="))
+            .map(str::to_string);
+        assert_eq!(
+            path.as_deref(),
+            Some(sandbox_supervisor::exec::spec::DEFAULT_PATH),
+            "{what}: {names:?}"
+        );
+        for kv in &mut names {
+            kv.truncate(kv.find('=').unwrap());
+        }
+        names.sort();
+        let mut want = vec!["HOME", "LOGNAME", "PATH", "PWD", "SHELL", "USER"];
+        if kind == "tty" {
+            want.push("TERM");
+        }
+        want.sort();
+        assert_eq!(names, want, "{what}");
+    }
+    for exec in execs {
+        exec.signal(libc::SIGKILL).await.unwrap();
+        let out = exec.collect().await.unwrap();
+        assert_eq!(out.exit.how, Some(How::Signal(libc::SIGKILL)), "{out:?}");
+    }
+}

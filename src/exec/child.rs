@@ -14,7 +14,9 @@
 //!   try to broadcast the change to the supervisor's other threads, whose list is
 //!   shared memory here;
 //! - every signal is blocked around the clone, and the child resets every disposition
-//!   before it unblocks any, so no supervisor handler ever runs in the child;
+//!   before it unblocks any, so no supervisor handler ever runs in the child. Both with
+//!   raw syscalls: glibc's wrappers skip its internal signals (SIGCANCEL, SIGSETXID), so
+//!   one ignored when the supervisor started would stay ignored in every session;
 //! - a failing step writes (step, errno) to memory the parent reads once the child is
 //!   gone, then `_exit(127)`s. The zombie is the reaper's, like every other.
 
@@ -24,7 +26,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use nix::errno::Errno;
 use nix::sched::CloneFlags;
-use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow};
 
 use super::spawn::Credentials;
 
@@ -32,9 +33,32 @@ use super::spawn::Credentials;
 /// because an overflow would land in the supervisor's memory.
 const CHILD_STACK: usize = 256 * 1024;
 
-/// The set-up step that failed in the child, for the error message.
+/// The kernel's signals and the size of its signal set: 64 and 8 bytes on x86_64 and
+/// aarch64 (glibc's `sigset_t` is 128 bytes, and hides signals 32 and 33).
+const KERNEL_NSIG: libc::c_int = 64;
+const KERNEL_SIGSET_BYTES: usize = 8;
+
+/// `rt_sigprocmask(SIG_SETMASK, set, old)` on the calling thread, every signal included.
+///
+/// # Safety
+/// A raw syscall on the two words; the caller knows what the new mask does to it.
+unsafe fn set_signal_mask(set: u64, old: Option<&mut u64>) -> libc::c_long {
+    let old = old.map_or(std::ptr::null_mut(), |o| o as *mut u64);
+    libc::syscall(
+        libc::SYS_rt_sigprocmask,
+        libc::SIG_SETMASK,
+        &set as *const u64,
+        old,
+        KERNEL_SIGSET_BYTES,
+    )
+}
+
+/// The set-up step that failed in the child (or the clone before it), for the error
+/// message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
+    /// In the parent: blocking signals or the clone itself (e.g. EAGAIN at the pid limit).
+    Clone,
     NewSession,
     Stdio,
     ControllingTerminal,
@@ -48,7 +72,8 @@ pub enum Step {
 }
 
 impl Step {
-    const ALL: [Step; 10] = [
+    const ALL: [Step; 11] = [
+        Step::Clone,
         Step::NewSession,
         Step::Stdio,
         Step::ControllingTerminal,
@@ -63,6 +88,7 @@ impl Step {
 
     pub fn describe(self) -> &'static str {
         match self {
+            Step::Clone => "creating the process (clone)",
             Step::NewSession => "setsid",
             Step::Stdio => "setting up stdin/stdout/stderr",
             Step::ControllingTerminal => "taking the terminal as controlling tty",
@@ -102,7 +128,7 @@ pub fn pointers(strings: &[CString]) -> Vec<*const libc::c_char> {
 }
 
 /// Starts the child. Returns its pid once it has exec'd, or the step that failed (the
-/// child has then exited; the reaper collects it).
+/// child has then exited; the reaper collects it. [`Step::Clone`]: there is no child).
 pub fn start(plan: &ChildPlan<'_>) -> Result<u32, (Step, Errno)> {
     debug_assert!(plan.argv.last().is_some_and(|p| p.is_null()));
     debug_assert!(plan.envp.last().is_some_and(|p| p.is_null()));
@@ -110,10 +136,11 @@ pub fn start(plan: &ChildPlan<'_>) -> Result<u32, (Step, Errno)> {
     let mut stack = vec![0u8; CHILD_STACK];
     // (step index + 1) << 32 | errno; 0 while nothing failed.
     let failure = AtomicU64::new(0);
-    let all = SigSet::all();
-    let mut saved = SigSet::empty();
-    pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&all), Some(&mut saved))
-        .map_err(|e| (Step::NewSession, e))?;
+    let mut saved = 0u64;
+    // SAFETY: blocks everything on this thread until the restore below.
+    if unsafe { set_signal_mask(!0, Some(&mut saved)) } < 0 {
+        return Err((Step::Clone, Errno::last()));
+    }
     let child_fn = Box::new(|| child(plan, &failure));
     // SAFETY: CLONE_VFORK suspends this thread until the child execs or exits, so the
     // plan, `failure` and `stack` outlive every use the child makes of them; the child
@@ -126,8 +153,9 @@ pub fn start(plan: &ChildPlan<'_>) -> Result<u32, (Step, Errno)> {
             Some(libc::SIGCHLD),
         )
     };
-    let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&saved), None);
-    let pid = cloned.map_err(|e| (Step::NewSession, e))?;
+    // SAFETY: puts back the mask this thread had.
+    unsafe { set_signal_mask(saved, None) };
+    let pid = cloned.map_err(|e| (Step::Clone, e))?;
     match failure.load(Ordering::SeqCst) {
         0 => Ok(pid.as_raw() as u32),
         f => {
@@ -151,10 +179,19 @@ fn child(plan: &ChildPlan<'_>, failure: &AtomicU64) -> isize {
     // SAFETY (whole block): raw libc calls on memory prepared by the parent; none
     // allocates, locks, or touches glibc's thread list (see the module comment).
     unsafe {
-        // Dispositions first: signals stay blocked until the very end.
-        for sig in 1..libc::SIGRTMAX() {
+        // Dispositions first: signals stay blocked until the very end. A kernel
+        // `struct sigaction` for SIG_DFL is all zeros (handler 0, no flags, empty mask)
+        // whatever the field order; four words cover the largest layout.
+        let default_action: [libc::c_ulong; 4] = [0; 4];
+        for sig in 1..=KERNEL_NSIG {
             if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                libc::signal(sig, libc::SIG_DFL);
+                libc::syscall(
+                    libc::SYS_rt_sigaction,
+                    sig,
+                    default_action.as_ptr(),
+                    std::ptr::null_mut::<libc::c_void>(),
+                    KERNEL_SIGSET_BYTES,
+                );
             }
         }
         if libc::setsid() < 0 {
@@ -217,9 +254,7 @@ fn child(plan: &ChildPlan<'_>, failure: &AtomicU64) -> isize {
         if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
             return fail(Step::NoNewPrivs);
         }
-        let mut empty: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut empty);
-        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        set_signal_mask(0, None);
         libc::execve(
             plan.program.as_ptr(),
             plan.argv.as_ptr(),

@@ -42,6 +42,15 @@ pub enum ExecError {
         #[source]
         source: std::io::Error,
     },
+    /// A set-up step in the child before `execve` failed (see `exec::child::Step`);
+    /// `source` keeps the errno, which picks the code as for [`ExecError::Spawn`].
+    #[error("starting '{program}' failed: {step}: {source}")]
+    SpawnStep {
+        program: String,
+        step: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("setting up the session's {what} failed: {source}")]
     Setup {
         what: &'static str,
@@ -67,7 +76,7 @@ impl ExecError {
             DuplicateSession { .. } => ErrorCode::AlreadyExists,
             TooManySessions { .. } => ErrorCode::ResourceExhausted,
             Releasing => ErrorCode::FailedPrecondition,
-            Spawn { source, .. } => match source.raw_os_error() {
+            Spawn { source, .. } | SpawnStep { source, .. } => match source.raw_os_error() {
                 Some(libc::ENOENT) => ErrorCode::NotFound,
                 Some(libc::EACCES) | Some(libc::EPERM) => ErrorCode::PermissionDenied,
                 Some(libc::ENOEXEC) => ErrorCode::FailedPrecondition,

@@ -206,16 +206,19 @@ pub fn spawn(
     // Held until the waiter is registered, so even an instant exit is dispatched here.
     let mut guard = reaper.spawn_guard();
     let pid = child::start(&plan).map_err(|(step, errno)| {
+        // The errno stays the error's OS code: it picks the protocol code.
         let source = std::io::Error::from_raw_os_error(errno as i32);
-        match step {
-            child::Step::Exec => spawn_error(source),
-            _ => ExecError::Spawn {
-                program: r.argv[0].to_string_lossy().into(),
-                source: std::io::Error::new(
-                    source.kind(),
-                    format!("{}: {source}", step.describe()),
-                ),
-            },
+        let step = match step {
+            child::Step::Exec => return spawn_error(source),
+            child::Step::WorkingDirectory => {
+                format!("{} '{}'", step.describe(), r.cwd.display())
+            }
+            _ => step.describe().to_string(),
+        };
+        ExecError::SpawnStep {
+            program: r.argv[0].to_string_lossy().into(),
+            step,
+            source,
         }
     })?;
     let exit = guard.watch(pid);
