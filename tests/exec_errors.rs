@@ -330,7 +330,9 @@ async fn exec_format_error_is_failed_precondition_naming_the_program() {
     let e = sandbox.exec(spec(&["./not-a-program"])).await.unwrap_err();
     assert_eq!(e.code, ErrorCode::FailedPrecondition, "{e}");
     assert!(
-        e.message.contains("'./not-a-program'") && e.message.contains("Exec format error"),
+        e.message.contains("'./not-a-program'")
+            && e.message.contains("Exec format error")
+            && e.message.contains("no '#!' line"),
         "{e}"
     );
     let out = sandbox

@@ -209,6 +209,11 @@ pub fn spawn(
         // The errno stays the error's OS code: it picks the protocol code.
         let source = std::io::Error::from_raw_os_error(errno as i32);
         let step = match step {
+            // Like runc and Go's os/exec (and unlike execvp), a file without `#!` is
+            // not handed to /bin/sh: say how to run it instead.
+            child::Step::Exec if errno == nix::errno::Errno::ENOEXEC => {
+                "execve (not a binary for this machine and no '#!' line: add one, or run it as [\"/bin/sh\", \"<file>\"])".to_string()
+            }
             child::Step::Exec => return spawn_error(source),
             child::Step::WorkingDirectory => {
                 format!("{} '{}'", step.describe(), r.cwd.display())
