@@ -308,18 +308,25 @@ pub async fn run(
             .map(|r| r.bound_at_ms)
             .unwrap_or_else(now_ms),
     };
-    if resume.is_none() {
-        if let Err(e) = volume.write_binding(&binding) {
-            tracing::error!(event = "identity.bind_failed", error = %e, "cannot write the binding record; refusing to serve without it");
-            return exit::FATAL;
-        }
-    }
     logs::set_context("sandbox_id", binding.sandbox_id.clone());
     logs::set_context("claim_uid", binding.claim_uid.clone());
     logs::set_context("pod_uid", binding.pod_uid.clone());
+    // The record is written (fsync'd) while the relay's Connect is in flight: binding
+    // costs the longer of the two, not their sum. The relay takes no session before
+    // `binding_durable` is true. A resumed binding is already on disk.
+    let (binding_durable, durable_rx) = tokio::sync::watch::channel(resume.is_some());
+    let mut binding_write = resume.is_none().then(|| {
+        let (volume, record) = (volume.clone(), binding.clone());
+        tokio::task::spawn_blocking(move || volume.write_binding(&record))
+    });
     let token = SecretToken::new(activation.token.clone());
-    tracing::info!(event = "identity.bound", token = %token, expires_in_ms = crate::identity::lifetime_from(activation.token_expires_at_ms).as_millis() as u64, resumed = resume.is_some(), "bound to claim");
-    let creds = SandboxCredentials::new(token, activation.token_expires_at_ms);
+    let bound_event = |token: &SecretToken| {
+        tracing::info!(event = "identity.bound", token = %token, expires_in_ms = crate::identity::lifetime_from(activation.token_expires_at_ms).as_millis() as u64, resumed = resume.is_some(), "bound to claim");
+    };
+    if resume.is_some() {
+        bound_event(&token);
+    }
+    let creds = SandboxCredentials::new(token.clone(), activation.token_expires_at_ms);
 
     let policy = ExecPolicy {
         workspace: volume.workspace_dir(),
@@ -354,6 +361,7 @@ pub async fn run(
         sessions: sessions.clone(),
         telemetry: m.telemetry.clone(),
         hello: hello.clone(),
+        binding_durable: durable_rx,
     };
     let (accepted_tx, accepted_rx) = tokio::sync::oneshot::channel();
     let relay_task = tokio::spawn(relay.run(session_events, accepted_tx));
@@ -364,6 +372,23 @@ pub async fn run(
     let mut accepted_rx = Some(accepted_rx);
     let cause = loop {
         tokio::select! {
+            written = async { binding_write.as_mut().expect("guarded").await }, if binding_write.is_some() => {
+                binding_write = None;
+                match written {
+                    Ok(Ok(())) => {
+                        bound_event(&token);
+                        binding_durable.send_replace(true);
+                    }
+                    Ok(Err(e)) => {
+                        tracing::error!(event = "identity.bind_failed", error = %e, "cannot write the binding record; refusing to serve without it");
+                        return exit::FATAL;
+                    }
+                    Err(e) => {
+                        tracing::error!(event = "identity.bind_failed", error = %e, "the binding record write did not finish; refusing to serve without it");
+                        return exit::FATAL;
+                    }
+                }
+            }
             ok = async { accepted_rx.as_mut().expect("guarded").await }, if accepted_rx.is_some() => {
                 accepted_rx = None;
                 if ok.is_ok() {

@@ -301,3 +301,91 @@ fn bad_flags_fail_at_boot_naming_the_option() {
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--allow-plaintext"));
 }
+
+/// DESIGN §3: the binding record is durable before the relay takes any session. Connect
+/// goes out while the record is being written (binding costs the longer of the two, not
+/// their sum), so this holds only because the relay waits for the write. strace's fault
+/// injection holds every fsync of the real binary for 300 ms: a session asked for the
+/// moment the gateway has the relay must still find `binding.json` on disk when it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_session_runs_before_the_binding_record_is_durable() {
+    let strace = std::process::Command::new("strace").arg("-V").output();
+    require!(
+        is_root() && strace.is_ok_and(|o| o.status.success()),
+        "needs root and strace (apt-get install strace) to delay the record's fsync"
+    );
+    let env = Env::new("bind-durable").await;
+    let sup = env.spawn(launch(), &[]);
+    env.gateway
+        .wait_parked(&env.pod.pod_name, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let pid = sup.host_pid();
+    let mut tracer = std::process::Command::new("strace")
+        .args(["-f", "-qq", "-o", "/dev/null", "-e", "trace=fsync"])
+        .args([
+            "-e",
+            "inject=fsync:delay_exit=300000",
+            "-p",
+            &pid.to_string(),
+        ])
+        .spawn()
+        .unwrap();
+    let traced = || {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.starts_with("TracerPid:") && l.split_whitespace().nth(1) != Some("0"))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !traced() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(traced(), "strace did not attach to the supervisor");
+
+    let claimed = std::time::Instant::now();
+    let sandbox = env
+        .gateway
+        .claim(
+            &env.pod.pod_name,
+            sandbox_supervisor::gateway::ClaimOptions::default(),
+        )
+        .await
+        .unwrap();
+    env.gateway
+        .wait_connected(sandbox.id(), Duration::from_secs(30))
+        .await
+        .unwrap();
+    let exec = sandbox.exec(sh("echo served")).await.unwrap();
+    let binding = env.volume().join(".supervisor/binding.json");
+    assert!(
+        binding.exists(),
+        "a session started {:?} after the claim, before binding.json was on disk",
+        claimed.elapsed()
+    );
+    // The delay was in force (else this proves nothing): the record's fsyncs took it.
+    assert!(
+        claimed.elapsed() >= Duration::from_millis(300),
+        "bound in {:?}: the fsync delay did not apply",
+        claimed.elapsed()
+    );
+    let out = exec.collect().await.unwrap();
+    assert_eq!(out.stdout, b"served\n");
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(tracer.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = tracer.wait();
+    let order: Vec<String> = sup
+        .events()
+        .iter()
+        .filter_map(|e| e["event"].as_str().map(str::to_owned))
+        .filter(|e| ["binding.written", "relay.connected", "session.started"].contains(&e.as_str()))
+        .collect();
+    assert_eq!(
+        order,
+        ["binding.written", "relay.connected", "session.started"],
+        "{}",
+        sup.logs()
+    );
+}

@@ -85,6 +85,9 @@ pub struct Relay {
     pub sessions: Sessions,
     pub telemetry: Arc<Telemetry>,
     pub hello: proto::Hello,
+    /// True once the binding record is durable. `Connect` goes out while it is being
+    /// written; no gateway message (no session) is taken before it is.
+    pub binding_durable: tokio::sync::watch::Receiver<bool>,
 }
 
 enum Attempt {
@@ -218,6 +221,13 @@ impl Relay {
             }
             Err(status) => return self.lost_down(status, false),
         };
+        // DESIGN §3: the binding is durable before the relay accepts any session.
+        // Frames the gateway sends meanwhile wait in the stream.
+        let mut durable = self.binding_durable.clone();
+        if durable.wait_for(|d| *d).await.is_err() {
+            // The write failed; the lifecycle refuses to serve and exits.
+            std::future::pending::<()>().await;
+        }
         if reconnect {
             self.telemetry.metrics.relay_reconnects_total.inc();
             tracing::info!(
