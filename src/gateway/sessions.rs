@@ -12,7 +12,6 @@ use super::tokens::SandboxClaims;
 use crate::proto;
 use crate::proto::session_down::Msg as DownMsg;
 use crate::proto::session_up::Msg as UpMsg;
-use bytes::Bytes;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -220,7 +220,7 @@ mod tests {
 
     fn data_of(f: &proto::SessionDown) -> (u64, Vec<u8>) {
         match &f.msg {
-            Some(DownMsg::Stdin(s)) => (s.offset.unwrap(), s.data.clone()),
+            Some(DownMsg::Stdin(s)) => (s.offset.unwrap(), s.data.to_vec()),
             other => panic!("expected Stdin, got {other:?}"),
         }
     }

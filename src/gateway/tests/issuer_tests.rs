@@ -223,6 +223,34 @@ fn sandbox_tokens_round_trip_and_expire() {
     ));
 }
 
+/// Tokens this gateway minted skip the signature check (a digest lookup), so an altered
+/// token must still miss and be verified, and fail.
+#[test]
+fn an_altered_minted_token_is_still_refused() {
+    let st = SandboxTokens::generate(Duration::from_secs(600)).unwrap();
+    let (tok, _) = st.mint("sbx-1", "claim-1", "pod-1").unwrap();
+    assert!(st.validate(&tok).is_ok());
+    let parts: Vec<&str> = tok.expose().split('.').collect();
+    // Same header and signature, claims for another sandbox.
+    let forged_claims = tok
+        .expose()
+        .replacen(parts[1], &parts[1].replacen('e', "f", 1), 1);
+    assert_ne!(forged_claims, tok.expose());
+    let e = st.validate(&secret(forged_claims)).unwrap_err();
+    assert!(
+        matches!(e, TokenError::Signature { .. } | TokenError::Malformed(_)),
+        "{e}"
+    );
+    let mut sig = tok.expose().to_owned();
+    let last = sig.pop().unwrap();
+    sig.push(if last == 'A' { 'B' } else { 'A' });
+    assert!(st.validate(&secret(sig)).is_err());
+}
+
+fn secret(s: String) -> crate::identity::SecretToken {
+    crate::identity::SecretToken::new(s)
+}
+
 #[test]
 fn annotations_are_written_like_the_downward_api() {
     let dir = tempfile::tempdir().unwrap();

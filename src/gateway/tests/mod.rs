@@ -262,7 +262,7 @@ fn out(stream: proto::StreamKind, offset: u64, data: &[u8]) -> proto::SessionUp 
     up(UpMsg::Output(proto::Output {
         stream: stream as i32,
         offset,
-        data: data.to_vec(),
+        data: bytes::Bytes::copy_from_slice(data),
     }))
 }
 

@@ -167,7 +167,7 @@ async fn stdin_queued_while_detached_is_sent_after_attach() {
     assert_eq!(
         got[0],
         DownMsg::Stdin(proto::Stdin {
-            data: b"input".to_vec(),
+            data: bytes::Bytes::from_static(b"input"),
             offset: Some(0),
         })
     );
