@@ -187,6 +187,14 @@ impl Exchange {
                     backoff.reset();
                     self.telemetry.set_ready(true);
                     tracing::info!(event = "identity.parked", token = %token, heartbeat_ms = p.heartbeat_interval_ms, "parked warm at the gateway");
+                    // Boot is over and the pod may idle for hours: give back the pages of
+                    // code it ran once (see pid1::residency).
+                    let released = crate::pid1::drop_clean_code();
+                    tracing::debug!(
+                        event = "pid1.code_released",
+                        bytes = released,
+                        "unmapped clean pages of the binary until they are needed again"
+                    );
                 }
                 Some(register_event::Event::Heartbeat(_)) => {}
                 Some(register_event::Event::Activation(a)) => {

@@ -6,6 +6,8 @@
 //! (reading a `signalfd`) ever sees them. Then [`Pid1::start`] spawns that thread.
 
 mod reaper;
+mod residency;
+pub use residency::drop_clean_code;
 mod signals;
 mod tree;
 
