@@ -73,7 +73,7 @@ fn main() {
                 std::process::exit(exit::CONFIG);
             }
             let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
+                .worker_threads(usize::from(cfg.worker_threads))
                 .max_blocking_threads(8)
                 .enable_all()
                 .build()
