@@ -148,15 +148,24 @@ async fn bind(launch: Launch, n: usize) -> Row {
     }
 }
 
+/// A warm supervisor's RSS at rest, beside tini's. Measures the static production
+/// binary when `SSV_IDLE_BINARY` names it (scripts/bench.sh builds it), else this
+/// build (which also carries the reference gateway).
 async fn idle_rss(launch: Launch) -> Row {
     let env = Env::new("benchidle").await;
-    let mut sup = env.spawn(launch, &[]);
+    let program = std::env::var("SSV_IDLE_BINARY").unwrap_or_else(|_| BIN.to_string());
+    let mut sup = env.spawn_program(&program, launch, env.run_args());
     env.gateway
         .wait_parked(&env.pod.pod_name, Duration::from_secs(30))
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let ours = rss_kib(sup.host_pid(), "VmRSS:");
+    // Where it is: the binary's touched pages (file) vs heap, stacks, relocations (anon).
+    let (anon, file) = (
+        rss_kib(sup.host_pid(), "RssAnon:"),
+        rss_kib(sup.host_pid(), "RssFile:"),
+    );
     sup.kill();
     let mut tini = Command::new("tini")
         .args(["-s", "--", "sleep", "30"])
@@ -171,13 +180,21 @@ async fn idle_rss(launch: Launch) -> Row {
         }
         Err(_) => None,
     };
-    let size = std::fs::metadata(BIN).map(|m| m.len()).unwrap_or(0);
+    let size = std::fs::metadata(&program).map(|m| m.len()).unwrap_or(0);
+    let which = if program == BIN {
+        "this build"
+    } else {
+        "static production build"
+    };
     Row {
-        what: format!("idle warm RSS (binary {:.1} MiB)", size as f64 / 1048576.0),
+        what: format!(
+            "idle warm RSS ({which}, binary {:.2} MiB)",
+            size as f64 / 1048576.0
+        ),
         baseline: base
             .map(|b| format!("tini {b} KiB"))
             .unwrap_or_else(|| "tini not installed".into()),
-        ours: format!("{ours} KiB"),
+        ours: format!("{ours} KiB (anon {anon}, file {file})"),
         ratio: base
             .map(|b| format!("{:.1}×", ours as f64 / b as f64))
             .unwrap_or_else(|| "—".into()),

@@ -225,6 +225,12 @@ impl Env {
 
     /// Starts the supervisor with exactly these `run` arguments, its log in the env dir.
     pub fn spawn_args(&self, launch: Launch, args: Vec<String>) -> Supervisor {
+        self.spawn_program(BIN, launch, args)
+    }
+
+    /// As [`Env::spawn_args`], with another build of the supervisor (e.g. the static
+    /// production binary the bench measures at rest).
+    pub fn spawn_program(&self, program: &str, launch: Launch, args: Vec<String>) -> Supervisor {
         let log = self
             .dir
             .0
@@ -232,10 +238,10 @@ impl Env {
         let mut cmd = match launch {
             Launch::Pid1 => {
                 let mut c = Command::new("unshare");
-                c.args(["--pid", "--fork", "--mount-proc", "--kill-child", BIN]);
+                c.args(["--pid", "--fork", "--mount-proc", "--kill-child", program]);
                 c
             }
-            Launch::Subreaper => Command::new(BIN),
+            Launch::Subreaper => Command::new(program),
         };
         cmd.args(&args)
             .env_clear()
