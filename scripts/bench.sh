@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The benchmark command (BENCHMARKS.md): every DESIGN §8 figure beside a baseline measured
-# in the same run. Installs tini (the idle-RSS baseline) when root and missing, then runs
+# in the same run. Installs tini (the idle-RSS baseline) when root and missing, builds the
+# static production binary (its idle RSS and size are the figures that ship), then runs
 # the supervisor bench and the workspace bench (seed vs cp -a, wipe vs rm -rf) in release.
 #   scripts/bench.sh            # full run (a few minutes on 2 cores)
 #   scripts/bench.sh --quick    # smaller sizes, for a smoke check
+#   BENCH_PROFILE=profiling scripts/bench.sh   # thin LTO + symbols: builds faster, for perf
 set -euo pipefail
 cd "$(dirname "$0")/.."
 quick=()
@@ -12,12 +14,15 @@ if ! command -v tini >/dev/null && [ "$(id -u)" = 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tini
 fi
 mkdir -p bench-out
+scripts/build-static.sh dist/sandbox-supervisor >bench-out/build-static.log 2>&1 || {
+  echo "bench: the static build failed (see bench-out/build-static.log)" >&2; exit 1; }
+export SSV_IDLE_BINARY="$PWD/dist/sandbox-supervisor"
 {
   echo "# machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -r), $(date -u +%F)"
-  cargo bench --locked --bench supervisor -- "${quick[@]}"
+  cargo bench --locked --profile "${BENCH_PROFILE:-bench}" --bench supervisor -- "${quick[@]}"
   scratch=$(mktemp -d /var/tmp/ssv-bench-XXXX)
   if [ "${#quick[@]}" -gt 0 ]; then ws=(--small --runs 2); else ws=(--runs 3); fi
-  cargo run --locked --release --example workspace_bench -- "$scratch" "${ws[@]}"
+  cargo run --locked --profile "${BENCH_PROFILE:-release}" --example workspace_bench -- "$scratch" "${ws[@]}"
   rm -rf "$scratch"
 } 2>bench-out/bench.log | tee bench-out/results.md
 echo "results: bench-out/results.md (logs: bench-out/bench.log)"
