@@ -23,8 +23,7 @@ pub fn drop_clean_code() -> usize {
     };
     let mut released = 0;
     let mut current: Option<(usize, usize, usize)> = None; // start, end, rss kB
-    let mut lines = smaps.lines().peekable();
-    while let Some(line) = lines.next() {
+    for line in smaps.lines() {
         if let Some((start, end)) = clean_candidate(line, &exe) {
             current = Some((start, end, 0));
             continue;
