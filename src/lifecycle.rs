@@ -408,6 +408,11 @@ pub async fn run(
     };
 
     // ── releasing: stop, kill, tombstone, wipe, report ──────────────────────────────
+    // A release that came while the binding record was still being written waits for
+    // it: the tombstone is written after it, never beside it.
+    if let Some(write) = binding_write.take() {
+        let _ = write.await;
+    }
     let (reason, grace, reporter) = match cause {
         ReleaseCause::Gateway {
             reason,
