@@ -6,6 +6,7 @@
 mod common;
 
 use common::exec::*;
+use common::workspace::ok;
 use common::*;
 use sandbox_supervisor::proto::{self, exit_status::How, ErrorCode};
 use std::time::{Duration, Instant};
@@ -335,14 +336,7 @@ async fn exec_format_error_is_failed_precondition_naming_the_program() {
             && e.message.contains("no '#!' line"),
         "{e}"
     );
-    let out = sandbox
-        .exec(spec(&["/bin/true"]))
-        .await
-        .unwrap()
-        .collect()
-        .await
-        .unwrap();
-    assert_eq!(out.exit.status, 0, "{out:?}");
+    ok(&sandbox, spec(&["/bin/true"])).await;
 
     // The same failure again and again: each one closes every fd it opened (the
     // child's three, the parent's two) and its child is reaped.
@@ -424,14 +418,7 @@ async fn cwd_the_sandbox_user_cannot_enter_fails_in_the_child_as_permission_deni
             && e.message.contains("Permission denied"),
         "{e}"
     );
-    let out = sandbox
-        .exec(spec(&["/bin/true"]))
-        .await
-        .unwrap()
-        .collect()
-        .await
-        .unwrap();
-    assert_eq!(out.exit.status, 0, "{out:?}");
+    ok(&sandbox, spec(&["/bin/true"])).await;
     mode(0o755);
     let out = sandbox.exec(s).await.unwrap().collect().await.unwrap();
     assert_eq!(out.exit.status, 0, "{out:?}");

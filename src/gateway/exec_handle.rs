@@ -154,32 +154,28 @@ impl Exec {
         }
     }
 
+    // The input side is `ExecInput`'s; these are its methods on the whole handle.
+
     /// See [`ExecInput::next_error`].
     pub async fn next_error(&self, timeout: Duration) -> Option<proto::Error> {
         self.input().next_error(timeout).await
     }
 
-    async fn send_down(&self, msg: DownMsg) -> anyhow::Result<()> {
-        send_down(&self.core, msg).await
-    }
-
-    /// Waits while `RETAIN_LIMIT` bytes of stdin are unacknowledged.
+    /// See [`ExecInput::write_stdin`].
     pub async fn write_stdin(&self, data: Bytes) -> anyhow::Result<()> {
-        write_stdin(&self.core, data).await
+        self.input().write_stdin(data).await
     }
 
     pub async fn close_stdin(&self) -> anyhow::Result<()> {
-        close_stdin(&self.core).await
+        self.input().close_stdin().await
     }
 
     pub async fn resize(&self, cols: u32, rows: u32) -> anyhow::Result<()> {
-        self.send_down(DownMsg::Resize(proto::Resize { cols, rows }))
-            .await
+        self.input().resize(cols, rows).await
     }
 
     pub async fn signal(&self, sig: i32) -> anyhow::Result<()> {
-        self.send_down(DownMsg::Signal(proto::Signal { signal: sig }))
-            .await
+        self.input().signal(sig).await
     }
 
     /// The next output chunk or the exit; None when the session ended without an exit
