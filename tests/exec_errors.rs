@@ -496,11 +496,21 @@ fn spawn_with_open_fd(env: &Env) -> Supervisor {
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap());
-    // SAFETY: dup2 only, between fork and exec; the copy has no FD_CLOEXEC.
+    // SAFETY: dup2/fcntl only, between fork and exec. When the test's own /dev/null
+    // already sits on INHERITED_FD (other tests run in parallel threads and move fd
+    // numbers), dup2 onto itself would leave its FD_CLOEXEC set and exec would close it,
+    // so the flag is cleared instead.
     unsafe {
-        cmd.pre_exec(move || match libc::dup2(fd, INHERITED_FD) {
-            -1 => Err(std::io::Error::last_os_error()),
-            _ => Ok(()),
+        cmd.pre_exec(move || {
+            let done = if fd == INHERITED_FD {
+                libc::fcntl(fd, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, INHERITED_FD)
+            };
+            match done {
+                -1 => Err(std::io::Error::last_os_error()),
+                _ => Ok(()),
+            }
         });
     }
     let child = cmd.spawn().expect("spawn supervisor");
