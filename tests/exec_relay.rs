@@ -95,6 +95,59 @@ async fn a_thousand_concurrent_sessions_and_a_stalled_consumer() {
     assert!(!sup.has_event("session.failed"), "{}", sup.logs());
 }
 
+/// A stale Session stream (an `Attach` from before a reconnect that reaches the gateway
+/// after the supervisor's newer one) displaces the newest stream and then ends itself,
+/// leaving the session with no stream: the supervisor sees its newest stream aborted,
+/// attaches again, and the session's stdin and output still go through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_stream_that_displaces_the_newest_one_is_recovered() {
+    use sandbox_supervisor::proto::{self, session_up};
+    use sandbox_supervisor::relay::{authed, GatewayEndpoint};
+    let env = Env::new("stale").await;
+    env.gateway.record_minted_tokens();
+    let (sup, sandbox) = env.bound_with(launch(), &[]).await;
+    let mut s = sh("read line; echo \"got $line\"");
+    s.stdin = true;
+    let exec = sandbox.exec(s).await.unwrap();
+    // Let the supervisor's own stream attach first, as it does before a drop.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // The stale stream: the sandbox's credentials, an Attach, then the end of the
+    // request, as when the task that opened it was aborted.
+    let token = env
+        .gateway
+        .minted_tokens()
+        .pop()
+        .expect("the gateway minted the sandbox's token");
+    let endpoint = GatewayEndpoint::new(env.endpoint(), env.ca.clone(), None, None, None);
+    let attach = proto::SessionUp {
+        msg: Some(session_up::Msg::Attach(proto::Attach {
+            session_id: exec.session_id().to_owned(),
+            stdout_offset: 0,
+            stderr_offset: 0,
+            stdin_offset: Some(0),
+        })),
+    };
+    let req = authed(tokio_stream::iter(vec![attach]), &token).unwrap();
+    let mut stale = endpoint
+        .client()
+        .unwrap()
+        .session(req)
+        .await
+        .expect("the gateway takes the stale Attach")
+        .into_inner();
+    while let Ok(Some(_)) = stale.message().await {}
+
+    exec.write_stdin("late\n".into()).await.unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(10), exec.collect())
+        .await
+        .unwrap_or_else(|_| panic!("the session was left without a stream\n{}", sup.logs()))
+        .unwrap();
+    assert_eq!(out.stdout, b"got late\n", "{out:?}");
+    assert_eq!(out.exit.status, 0);
+    assert!(sup.has_event("session.stream_superseded"), "{}", sup.logs());
+}
+
 /// 256 MiB (SSV_REPLAY_MIB) of verifiable output while the relay is dropped 20 times at
 /// random points, by TCP cuts and by the gateway ending the streams: the output arrives
 /// complete and byte-identical.

@@ -63,6 +63,8 @@ pub fn attach(
 /// How the gateway's side of a session stream ended.
 enum DownEnd {
     Closed,
+    /// The gateway attached another stream of this session in place of this one.
+    Superseded(String),
     /// A frame past the message limit: the stream cannot be read any further.
     TooLarge(String),
 }
@@ -144,6 +146,9 @@ async fn serve(
                     Err(status) if status.code() == tonic::Code::OutOfRange => {
                         return DownEnd::TooLarge(status.message().to_string());
                     }
+                    Err(status) if status.code() == tonic::Code::Aborted => {
+                        return DownEnd::Superseded(status.message().to_string());
+                    }
                     Err(status) => {
                         tracing::debug!(event = "relay.session_stream_ended", session_id = %session.id, code = ?status.code(), error = status.message(), "session stream ended");
                         return DownEnd::Closed;
@@ -167,6 +172,29 @@ async fn serve(
         }
         end = &mut receiver => end,
     };
+    if let DownEnd::Superseded(detail) = &end {
+        // The gateway orders a session's streams by when their Attach arrived, not by
+        // when they were opened: a stale stream (opened before a reconnect, its task
+        // already aborted here) can land after this one and displace it, then end
+        // itself, leaving the session with no stream at all. If this is still the
+        // session's newest stream, attach again; a stream that was genuinely replaced
+        // here is no longer current and just ends.
+        tokio::time::sleep(SUPERSEDED_RETRY).await;
+        if is_current_attachment(&session) {
+            tracing::info!(event = "session.stream_superseded", session_id = %session.id, error = %detail, "the gateway displaced the session's newest stream with a stale one; re-attaching");
+            let (out, err) = (session.stdout.start(), session.stderr.start());
+            attach(
+                channel,
+                creds,
+                session.clone(),
+                out,
+                err,
+                telemetry.clone(),
+                None,
+            );
+        }
+        return;
+    }
     if let DownEnd::TooLarge(detail) = end {
         // The oversized frame is discarded, and nothing after it on this stream can be
         // decoded. The session is fine: say so precisely on a fresh stream, resuming
@@ -191,6 +219,21 @@ async fn serve(
             }),
         );
     }
+}
+
+/// How long a displaced stream waits before attaching again: long enough for the stale
+/// stream that displaced it to end, short enough not to stall the session noticeably.
+const SUPERSEDED_RETRY: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Whether the running task is the stream `attach` last started for `session`.
+fn is_current_attachment(session: &Session) -> bool {
+    let current = session
+        .attached
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .map(|h| h.id());
+    current.is_some() && current == tokio::task::try_id()
 }
 
 /// A stdin frame read ahead of the process, with its offset (None: a legacy frame).
