@@ -47,6 +47,7 @@ async fn a_thousand_concurrent_sessions_and_a_stalled_consumer() {
     for i in 0..n {
         let sandbox = sandbox.clone();
         let barrier = barrier.clone();
+        let log = sup.log.clone();
         tasks.spawn(async move {
             let mut s = sh("read line; echo \"got $line\"; seq 1 200");
             s.stdin = true;
@@ -59,9 +60,19 @@ async fn a_thousand_concurrent_sessions_and_a_stalled_consumer() {
             exec.write_stdin(format!("hello-{i}\n").into())
                 .await
                 .unwrap();
+            let id = exec.session_id().to_owned();
             let out = tokio::time::timeout(Duration::from_secs(120), exec.collect())
                 .await
-                .unwrap_or_else(|_| panic!("session {i} did not finish"))
+                .unwrap_or_else(|_| {
+                    // The supervisor's account of this one session, to tell a lost
+                    // stream from lost stdin or a stuck process.
+                    let logs = std::fs::read_to_string(&log).unwrap_or_default();
+                    let mine: Vec<&str> = logs.lines().filter(|l| l.contains(&id)).collect();
+                    panic!(
+                        "session {i} ({id}) did not finish; its log lines:\n{}",
+                        mine.join("\n")
+                    )
+                })
                 .unwrap();
             let mut want = format!("got hello-{i}\n");
             for k in 1..=200 {
