@@ -172,53 +172,48 @@ async fn serve(
         }
         end = &mut receiver => end,
     };
-    if let DownEnd::Superseded(detail) = &end {
-        // The gateway orders a session's streams by when their Attach arrived, not by
-        // when they were opened: a stale stream (opened before a reconnect, its task
-        // already aborted here) can land after this one and displace it, then end
-        // itself, leaving the session with no stream at all. If this is still the
-        // session's newest stream, attach again; a stream that was genuinely replaced
-        // here is no longer current and just ends.
-        tokio::time::sleep(SUPERSEDED_RETRY).await;
-        if is_current_attachment(&session) {
+    let notice = match end {
+        DownEnd::Closed => return,
+        DownEnd::Superseded(detail) => {
+            // The gateway orders a session's streams by when their Attach arrived, not
+            // by when they were opened: a stale stream (opened before a reconnect, its
+            // task already aborted here) can land after this one and displace it, then
+            // end itself, leaving the session with no stream at all. If this is still
+            // the session's newest stream, attach again; a stream that was genuinely
+            // replaced here is no longer current and just ends.
+            tokio::time::sleep(SUPERSEDED_RETRY).await;
+            if !is_current_attachment(&session) {
+                return;
+            }
             tracing::info!(event = "session.stream_superseded", session_id = %session.id, error = %detail, "the gateway displaced the session's newest stream with a stale one; re-attaching");
-            let (out, err) = (session.stdout.start(), session.stderr.start());
-            attach(
-                channel,
-                creds,
-                session.clone(),
-                out,
-                err,
-                telemetry.clone(),
-                None,
-            );
+            None
         }
-        return;
-    }
-    if let DownEnd::TooLarge(detail) = end {
-        // The oversized frame is discarded, and nothing after it on this stream can be
-        // decoded. The session is fine: say so precisely on a fresh stream, resuming
-        // from what the gateway acknowledged (it ignores bytes it already holds).
-        let message = format!(
-            "a SessionDown frame for session '{}' exceeded the {} byte message limit and was discarded ({detail}); send stdin in smaller frames. The session keeps running; its stream was re-opened",
-            session.id,
-            super::channel::MAX_MESSAGE_BYTES
-        );
-        tracing::warn!(event = "session.frame_too_large", session_id = %session.id, error = %detail, "discarded an oversized frame; re-attaching the session");
-        let (out, err) = (session.stdout.start(), session.stderr.start());
-        attach(
-            channel,
-            creds,
-            session.clone(),
-            out,
-            err,
-            telemetry.clone(),
+        DownEnd::TooLarge(detail) => {
+            // The oversized frame is discarded, and nothing after it on this stream can
+            // be decoded. The session is fine: say so precisely on a fresh stream.
+            let message = format!(
+                "a SessionDown frame for session '{}' exceeded the {} byte message limit and was discarded ({detail}); send stdin in smaller frames. The session keeps running; its stream was re-opened",
+                session.id,
+                super::channel::MAX_MESSAGE_BYTES
+            );
+            tracing::warn!(event = "session.frame_too_large", session_id = %session.id, error = %detail, "discarded an oversized frame; re-attaching the session");
             Some(proto::Error {
                 code: proto::ErrorCode::InvalidArgument as i32,
                 message,
-            }),
-        );
-    }
+            })
+        }
+    };
+    // Resume from what the gateway acknowledged (it ignores bytes it already holds).
+    let (out, err) = (session.stdout.start(), session.stderr.start());
+    attach(
+        channel,
+        creds,
+        session.clone(),
+        out,
+        err,
+        telemetry.clone(),
+        notice,
+    );
 }
 
 /// How long a displaced stream waits before attaching again: long enough for the stale
