@@ -231,6 +231,24 @@ impl Env {
     /// As [`Env::spawn_args`], with another build of the supervisor (e.g. the static
     /// production binary the bench measures at rest).
     pub fn spawn_program(&self, program: &str, launch: Launch, args: Vec<String>) -> Supervisor {
+        self.spawn_with(program, launch, args, None)
+    }
+
+    /// As [`Env::spawn`], inside `cgroup` (its limits cover the supervisor and every
+    /// process of its workload).
+    pub fn spawn_in(&self, cgroup: &cgroup::Cgroup, launch: Launch, extra: &[&str]) -> Supervisor {
+        let mut args = self.run_args();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        self.spawn_with(BIN, launch, args, Some(cgroup))
+    }
+
+    fn spawn_with(
+        &self,
+        program: &str,
+        launch: Launch,
+        args: Vec<String>,
+        cgroup: Option<&cgroup::Cgroup>,
+    ) -> Supervisor {
         let log = self
             .dir
             .0
@@ -249,6 +267,9 @@ impl Env {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
+        if let Some(cg) = cgroup {
+            cg.command(&mut cmd);
+        }
         let child = cmd.spawn().expect("spawn supervisor");
         Supervisor {
             child: Some(child),
@@ -423,6 +444,7 @@ pub fn descendants(root: u32) -> Vec<(u32, char)> {
     }
     found
 }
+pub mod cgroup;
 pub mod docker;
 pub mod exec;
 pub mod identity;
