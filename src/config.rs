@@ -146,6 +146,24 @@ pub struct RunConfig {
     /// Unacknowledged output held per stream before the process is paused (bytes; K/M suffixes).
     #[arg(long, env = "SANDBOX_SUPERVISOR_SESSION_BUFFER", default_value = "4M", value_parser = parse_bytes)]
     pub session_buffer: usize,
+    /// Unacknowledged output held across all sessions (bytes allocated; K/M/G
+    /// suffixes). Past it every session that writes more is paused until the gateway
+    /// acknowledges, so many sessions cannot grow the supervisor without bound.
+    #[arg(long, env = "SANDBOX_SUPERVISOR_OUTPUT_BUDGET", default_value = "64M", value_parser = parse_bytes)]
+    pub output_budget: usize,
+    /// How long a session's process may take from its start to `execve` before it is
+    /// killed and the session fails (a tenant can SIGSTOP it in between).
+    #[arg(long, env = "SANDBOX_SUPERVISOR_SPAWN_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    pub spawn_timeout: Duration,
+    /// Processes (and threads) the sandbox user may run at once, as its RLIMIT_NPROC:
+    /// "auto" keeps 32 of the container's pids limit for the supervisor (no cap when
+    /// there is no pids limit), 0 sets no cap.
+    #[arg(long, env = "SANDBOX_SUPERVISOR_MAX_WORKLOAD_PROCESSES", default_value = "auto", value_parser = parse_process_cap)]
+    pub max_workload_processes: ProcessCap,
+    /// oom_score_adj of session processes (-1000..1000): high, so the OOM killer takes
+    /// the workload before PID 1. The supervisor itself takes the lowest it may set.
+    #[arg(long, env = "SANDBOX_SUPERVISOR_SESSION_OOM_SCORE_ADJ", default_value_t = 1000, value_parser = clap::value_parser!(i32).range(-1000..=1000), allow_negative_numbers = true)]
+    pub session_oom_score_adj: i32,
     /// How long output is drained after a session's leader exits.
     #[arg(long, env = "SANDBOX_SUPERVISOR_DRAIN_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
@@ -237,6 +255,27 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// Sizes like `4M`, `512K`, `65536`.
+/// `--max-workload-processes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProcessCap {
+    /// From the container's pids limit, less the supervisor's reserve.
+    Auto,
+    /// No cap (0).
+    None,
+    Limit(u64),
+}
+
+pub fn parse_process_cap(s: &str) -> Result<ProcessCap, String> {
+    match s.trim() {
+        "auto" => Ok(ProcessCap::Auto),
+        "0" => Ok(ProcessCap::None),
+        n => n
+            .parse::<u64>()
+            .map(ProcessCap::Limit)
+            .map_err(|_| format!("'{s}' is not a process count: use auto, 0 (no cap) or a number")),
+    }
+}
+
 pub fn parse_bytes(s: &str) -> Result<usize, String> {
     let s = s.trim();
     let (num, mult) = match s.chars().last() {

@@ -346,8 +346,20 @@ pub async fn run(
         max_sessions: m.cfg.max_sessions as usize,
         drain_timeout: m.cfg.drain_timeout,
         default_kill_grace: m.cfg.kill_grace,
+        output_budget: m.cfg.output_budget,
+        spawn_timeout: m.cfg.spawn_timeout,
+        hardening: crate::exec::spawn::Hardening {
+            max_processes: workload_process_cap(m.cfg.max_workload_processes),
+            oom_score_adj: Some(m.cfg.session_oom_score_adj),
+        },
     };
-    let (sessions, session_events) = Sessions::new(exec_cfg, m.reaper.clone());
+    let (sessions, session_events) = match Sessions::new(exec_cfg, m.reaper.clone()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(event = "exec.spawner_failed", error = %e, "cannot start the session spawner thread");
+            return exit::FATAL;
+        }
+    };
     let hello = proto::Hello {
         sandbox_id: binding.sandbox_id.clone(),
         claim_uid: binding.claim_uid.clone(),
@@ -509,6 +521,29 @@ async fn wipe(volume: &Arc<Volume>, telemetry: &Telemetry) -> proto::ReleaseRepo
         Err(e) => report.error = format!("wipe task failed: {e}"),
     }
     report
+}
+
+/// The sandbox user's RLIMIT_NPROC (0: none), logged once with where it came from.
+fn workload_process_cap(cap: crate::config::ProcessCap) -> u64 {
+    use crate::config::ProcessCap;
+    let limit = pid1::pids_limit();
+    let (n, source) = match cap {
+        ProcessCap::Limit(n) => (n, "--max-workload-processes"),
+        ProcessCap::None => (0, "--max-workload-processes 0"),
+        ProcessCap::Auto => match limit {
+            Some(l) => (
+                l.saturating_sub(pid1::SUPERVISOR_PIDS_RESERVE).max(1),
+                "the container's pids limit less the supervisor's reserve",
+            ),
+            None => (0, "no pids limit found"),
+        },
+    };
+    if n == 0 {
+        tracing::warn!(event = "exec.process_limit", limit = 0, pids_limit = ?limit, source, guarantee = "weaker: the workload may take every pid the container has; the supervisor needs no new thread to keep serving, but new sessions fail until pids free up", "sessions get no process cap");
+    } else {
+        tracing::info!(event = "exec.process_limit", limit = n, pids_limit = ?limit, source, "sessions run under RLIMIT_NPROC");
+    }
+    n
 }
 
 fn seed_source(cfg: &RunConfig) -> SeedSource {

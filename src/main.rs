@@ -6,6 +6,23 @@ use sandbox_supervisor::lifecycle::exit;
 use sandbox_supervisor::telemetry::logs;
 use std::io::IsTerminal;
 
+/// Makes the runtime start `n` blocking-pool threads now (each task waits until all
+/// are running at once).
+async fn prestart_blocking_threads(n: usize) {
+    let all = std::sync::Arc::new(std::sync::Barrier::new(n));
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let all = all.clone();
+            tokio::task::spawn_blocking(move || {
+                all.wait();
+            })
+        })
+        .collect();
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
 fn main() {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -72,12 +89,18 @@ fn main() {
                 tracing::error!(event = "config.invalid", error = %e, "{e}");
                 std::process::exit(exit::CONFIG);
             }
+            // The tenant can fill the pids limit, and then no thread can be created:
+            // every thread the supervisor needs exists before any tenant does. The
+            // blocking pool's are started here and never retire; when tokio cannot add
+            // one it queues the work on them (it panics only when it has none).
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(usize::from(cfg.worker_threads))
                 .max_blocking_threads(8)
+                .thread_keep_alive(std::time::Duration::from_secs(u64::from(u32::MAX)))
                 .enable_all()
                 .build()
                 .expect("tokio runtime");
+            rt.block_on(prestart_blocking_threads(2));
             rt.block_on(sandbox_supervisor::lifecycle::run_command(*cfg, pid1))
         }
     };

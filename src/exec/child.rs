@@ -18,11 +18,15 @@
 //!   raw syscalls: glibc's wrappers skip its internal signals (SIGCANCEL, SIGSETXID), so
 //!   one ignored when the supervisor started would stay ignored in every session;
 //! - a failing step writes (step, errno) to memory the parent reads once the child is
-//!   gone, then `_exit(127)`s. The zombie is the reaper's, like every other.
+//!   gone, then `_exit(127)`s. The zombie is the reaper's, like every other;
+//! - the calling thread is suspended until the child execs, and from `setuid` on the
+//!   tenant may SIGSTOP the child: so the caller is the spawner's own thread, never a
+//!   runtime worker, and the child first writes its pid where a watchdog can kill it
+//!   (`exec::spawner`).
 
 use std::ffi::{CStr, CString};
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 
 use nix::errno::Errno;
 use nix::sched::CloneFlags;
@@ -63,6 +67,7 @@ pub enum Step {
     Stdio,
     ControllingTerminal,
     FdLimit,
+    ProcessLimit,
     Groups,
     Gid,
     Uid,
@@ -72,12 +77,13 @@ pub enum Step {
 }
 
 impl Step {
-    const ALL: [Step; 11] = [
+    const ALL: [Step; 12] = [
         Step::Clone,
         Step::NewSession,
         Step::Stdio,
         Step::ControllingTerminal,
         Step::FdLimit,
+        Step::ProcessLimit,
         Step::Groups,
         Step::Gid,
         Step::Uid,
@@ -93,6 +99,7 @@ impl Step {
             Step::Stdio => "setting up stdin/stdout/stderr",
             Step::ControllingTerminal => "taking the terminal as controlling tty",
             Step::FdLimit => "restoring the open-file limit",
+            Step::ProcessLimit => "setting the process limit (--max-workload-processes)",
             Step::Groups => "setgroups",
             Step::Gid => "setgid",
             Step::Uid => "setuid",
@@ -116,7 +123,15 @@ pub struct ChildPlan<'a> {
     pub cwd: &'a CStr,
     /// The soft `RLIMIT_NOFILE` to restore (0: leave it).
     pub nofile_soft: u64,
+    /// `RLIMIT_NPROC` (soft and hard) for the sandbox user's processes (0: leave it).
+    pub max_processes: u64,
+    /// Written to `/proc/self/oom_score_adj` (decimal), best effort.
+    pub oom_score_adj: Option<&'a [u8]>,
+    /// Where the child writes its pid before anything else.
+    pub child_pid: &'a AtomicI32,
 }
+
+const OOM_SCORE_ADJ: &CStr = c"/proc/self/oom_score_adj";
 
 /// NULL-terminated pointers into `strings` (which must outlive them).
 pub fn pointers(strings: &[CString]) -> Vec<*const libc::c_char> {
@@ -179,6 +194,9 @@ fn child(plan: &ChildPlan<'_>, failure: &AtomicU64) -> isize {
     // SAFETY (whole block): raw libc calls on memory prepared by the parent; none
     // allocates, locks, or touches glibc's thread list (see the module comment).
     unsafe {
+        // Before anything the tenant could stop: the watchdog kills by this pid.
+        plan.child_pid
+            .store(libc::syscall(libc::SYS_getpid) as i32, Ordering::SeqCst);
         // Dispositions first: signals stay blocked until the very end. A kernel
         // `struct sigaction` for SIG_DFL is all zeros (handler 0, no flags, empty mask)
         // whatever the field order; four words cover the largest layout.
@@ -206,10 +224,12 @@ fn child(plan: &ChildPlan<'_>, failure: &AtomicU64) -> isize {
         if plan.is_pty && libc::ioctl(0, libc::TIOCSCTTY as _, 0) < 0 {
             return fail(Step::ControllingTerminal);
         }
+        // INT_MAX, not u32::MAX, as the last fd: gVisor before 2025 rejects the larger
+        // bound with EINVAL, and no fd number reaches it.
         if libc::syscall(
             libc::SYS_close_range,
             3u32,
-            u32::MAX,
+            libc::c_int::MAX as u32,
             libc::CLOSE_RANGE_CLOEXEC,
         ) < 0
         {
@@ -225,6 +245,26 @@ fn child(plan: &ChildPlan<'_>, failure: &AtomicU64) -> isize {
                 if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) < 0 {
                     return fail(Step::FdLimit);
                 }
+            }
+        }
+        if let Some(adj) = plan.oom_score_adj {
+            // Raising needs no privilege; a vfork child gets a value of its own (the
+            // kernel does not propagate it to the supervisor sharing this memory).
+            let fd = libc::open(OOM_SCORE_ADJ.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd >= 0 {
+                libc::write(fd, adj.as_ptr().cast(), adj.len());
+                libc::close(fd);
+            }
+        }
+        if plan.max_processes > 0 {
+            // Soft and hard, before setuid: the user cannot raise it again, and its
+            // fork()s fail once it runs this many processes, leaving PID 1 headroom.
+            let lim = libc::rlimit {
+                rlim_cur: plan.max_processes as libc::rlim_t,
+                rlim_max: plan.max_processes as libc::rlim_t,
+            };
+            if libc::setrlimit(libc::RLIMIT_NPROC, &lim) < 0 {
+                return fail(Step::ProcessLimit);
             }
         }
         if let Some(c) = plan.creds {

@@ -51,6 +51,13 @@ pub enum ExecError {
         #[source]
         source: std::io::Error,
     },
+    #[error("starting '{program}' failed: the process did not reach execve within {bound:?} and was killed (was it stopped, e.g. by SIGSTOP from another session?); retry, or raise --spawn-timeout")]
+    SpawnTimeout {
+        program: String,
+        bound: std::time::Duration,
+    },
+    #[error("starting '{program}' failed: the sandbox user already runs {limit} processes (--max-workload-processes); end some, or raise the limit")]
+    TooManyProcesses { program: String, limit: u64 },
     #[error("setting up the session's {what} failed: {source}")]
     Setup {
         what: &'static str,
@@ -74,7 +81,8 @@ impl ExecError {
                 ErrorCode::PermissionDenied
             }
             DuplicateSession { .. } => ErrorCode::AlreadyExists,
-            TooManySessions { .. } => ErrorCode::ResourceExhausted,
+            TooManySessions { .. } | TooManyProcesses { .. } => ErrorCode::ResourceExhausted,
+            SpawnTimeout { .. } => ErrorCode::Unavailable,
             Releasing => ErrorCode::FailedPrecondition,
             Spawn { source, .. } | SpawnStep { source, .. } => match source.raw_os_error() {
                 Some(libc::ENOENT) => ErrorCode::NotFound,

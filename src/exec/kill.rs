@@ -155,13 +155,14 @@ impl Membership {
     }
 
     /// SIGKILLs every process of the session, repeating while anything is left (a
-    /// process may fork between a scan and its kill), bounded.
-    pub fn kill_all_blocking(&self) -> bool {
+    /// process may fork between a scan and its kill), bounded. Async, on the runtime:
+    /// a blocking thread may be impossible to get when the tenant fills the pids limit.
+    pub async fn kill_all(&self) -> bool {
         for _ in 0..50 {
             if self.signal_all(libc::SIGKILL) == 0 && self.members().is_empty() {
                 return true;
             }
-            std::thread::sleep(Duration::from_millis(10));
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         self.members().is_empty()
     }
@@ -224,7 +225,11 @@ mod tests {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
-        assert!(m.kill_all_blocking(), "left: {:?}", m.members());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        assert!(rt.block_on(m.kill_all()), "left: {:?}", m.members());
         use std::os::unix::process::ExitStatusExt;
         assert_eq!(child.wait().unwrap().signal(), Some(libc::SIGKILL));
     }

@@ -9,9 +9,11 @@ mod pumps;
 mod session;
 mod sessions;
 pub mod spawn;
+mod spawner;
 pub mod spec;
 
 pub use error::ExecError;
 pub use session::{Session, SessionInputError, StdinAccepted};
 pub use sessions::{ExecConfig, Sessions};
+pub use spawner::Spawner;
 pub use spec::{lookup_user, ExecPolicy, User};

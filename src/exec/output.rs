@@ -3,14 +3,80 @@
 //! `AttachSession`), so any stream attached later can resume exactly where the gateway
 //! left off. When `capacity` unacknowledged bytes are held, the pump stops reading the
 //! pipe and the process blocks on its next write: output is never dropped.
+//!
+//! Every buffer also draws on one [`OutputBudget`] shared by all sessions: the memory
+//! of unacknowledged output, counted by what its chunks really allocate. Past it, every
+//! pump stops reading, so many sessions together cannot grow the supervisor without
+//! bound while the gateway does not acknowledge.
 
 use bytes::Bytes;
 use std::collections::VecDeque;
-use std::sync::Mutex;
-use tokio::sync::Notify;
+use std::sync::{Arc, Mutex};
+use tokio::sync::{Notify, Semaphore};
+
+/// The global budget of unacknowledged output bytes, across sessions.
+pub struct OutputBudget {
+    permits: Semaphore,
+    total: usize,
+}
+
+impl OutputBudget {
+    pub fn new(total: usize) -> Arc<OutputBudget> {
+        // At least one full read, so a single session always makes progress.
+        let total = total.clamp(MIN_BUDGET, Semaphore::MAX_PERMITS);
+        Arc::new(OutputBudget {
+            permits: Semaphore::new(total),
+            total,
+        })
+    }
+
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    /// Bytes of the budget held by unacknowledged output now.
+    pub fn used(&self) -> usize {
+        self.total - self.permits.available_permits()
+    }
+
+    /// Waits for `n` bytes of the budget; the caller hands them to a chunk
+    /// ([`OutputBuffer::push_charged`]) or gives back what it did not use. Cancel-safe:
+    /// dropped before it completes, it holds nothing.
+    pub async fn take(&self, n: usize) {
+        if let Ok(p) = self.permits.acquire_many(n as u32).await {
+            p.forget();
+        }
+    }
+
+    /// Takes `n` bytes of the budget if they are free now.
+    pub fn try_take(&self, n: usize) -> bool {
+        match self.permits.try_acquire_many(n as u32) {
+            Ok(p) => {
+                p.forget();
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    pub fn give_back(&self, n: usize) {
+        if n > 0 {
+            self.permits.add_permits(n);
+        }
+    }
+}
+
+/// One read's worth: the pump never asks the budget for more at once.
+pub const MAX_READ: usize = 256 * 1024;
+const MIN_BUDGET: usize = MAX_READ;
+/// Unacknowledged bytes a session may always hold, outside the budget: a session the
+/// gateway reads keeps moving while sessions it ignores hold the whole budget. Memory
+/// is then bounded by the budget plus this much per session.
+pub const UNBUDGETED_FLOOR: usize = 16 * 1024;
 
 pub struct OutputBuffer {
     inner: Mutex<Inner>,
+    budget: Arc<OutputBudget>,
     /// Woken when data arrives or the stream ends.
     readable: Notify,
     /// Woken when acknowledged data is freed.
@@ -19,7 +85,8 @@ pub struct OutputBuffer {
 }
 
 struct Inner {
-    chunks: VecDeque<Bytes>,
+    /// Each chunk with the bytes of the budget it holds (its allocation).
+    chunks: VecDeque<(Bytes, usize)>,
     /// Offset of the first retained byte.
     start: u64,
     /// Offset one past the last byte (total bytes the process wrote so far).
@@ -40,8 +107,9 @@ pub enum Read {
 }
 
 impl OutputBuffer {
-    pub fn new(capacity: usize) -> Self {
+    pub fn new(capacity: usize, budget: Arc<OutputBudget>) -> Self {
         OutputBuffer {
+            budget,
             inner: Mutex::new(Inner {
                 chunks: VecDeque::new(),
                 start: 0,
@@ -77,16 +145,36 @@ impl OutputBuffer {
         }
     }
 
-    pub fn push(&self, data: Bytes) {
+    /// The shared budget this buffer draws on.
+    pub fn budget(&self) -> &OutputBudget {
+        &self.budget
+    }
+
+    /// Appends `data`, which holds `charge` bytes already taken from the budget; they
+    /// go back once the chunk is acknowledged (or the buffer dropped).
+    pub fn push_charged(&self, data: Bytes, charge: usize) {
         if data.is_empty() {
+            self.budget.give_back(charge);
             return;
         }
         {
             let mut i = self.lock();
             i.end += data.len() as u64;
-            i.chunks.push_back(data);
+            i.chunks.push_back((data, charge));
         }
         self.readable.notify_waiters();
+    }
+
+    /// Unacknowledged bytes held now.
+    pub fn held(&self) -> usize {
+        let i = self.lock();
+        (i.end - i.start) as usize
+    }
+
+    /// A future that completes when acknowledged data is freed. Enable it before
+    /// checking [`OutputBuffer::held`] so no wake-up is lost in between.
+    pub fn freed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.writable.notified()
     }
 
     pub fn close(&self) {
@@ -96,23 +184,26 @@ impl OutputBuffer {
 
     /// Frees everything below `offset` (clamped to what exists).
     pub fn ack(&self, offset: u64) {
+        let mut freed = 0;
         {
             let mut i = self.lock();
             let target = offset.min(i.end);
             while i.start < target {
                 let remaining = (target - i.start) as usize;
-                let Some(front) = i.chunks.front_mut() else {
+                let Some((front, _)) = i.chunks.front_mut() else {
                     break;
                 };
                 let drop_n = remaining.min(front.len());
                 if drop_n == front.len() {
-                    i.chunks.pop_front();
+                    // The allocation is free only once the whole chunk is.
+                    freed += i.chunks.pop_front().map_or(0, |(_, charge)| charge);
                 } else {
                     *front = front.slice(drop_n..);
                 }
                 i.start += drop_n as u64;
             }
         }
+        self.budget.give_back(freed);
         self.writable.notify_waiters();
     }
 
@@ -126,7 +217,7 @@ impl OutputBuffer {
             return if i.eof { Read::Eof } else { Read::Pending };
         }
         let mut pos = i.start;
-        for chunk in &i.chunks {
+        for (chunk, _) in &i.chunks {
             let chunk_end = pos + chunk.len() as u64;
             if offset < chunk_end {
                 let from = (offset - pos) as usize;
@@ -158,15 +249,46 @@ impl OutputBuffer {
     }
 }
 
+impl Drop for OutputBuffer {
+    fn drop(&mut self) {
+        let held: usize = self.lock().chunks.iter().map(|(_, c)| c).sum();
+        self.budget.give_back(held);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
+    fn budget_is_held_until_whole_chunks_are_acknowledged_or_dropped() {
+        let budget = OutputBudget::new(0);
+        let total = budget.total();
+        let b = OutputBuffer::new(1 << 20, budget.clone());
+        b.push_charged(Bytes::from_static(b"hello"), 100);
+        b.push_charged(Bytes::from_static(b"world"), 200);
+        // The charges were taken by the caller; the buffer hands them back.
+        budget.permits.try_acquire_many(300).unwrap().forget();
+        assert_eq!(budget.used(), 300);
+        b.ack(3);
+        assert_eq!(
+            budget.used(),
+            300,
+            "a partly acknowledged chunk keeps its allocation"
+        );
+        b.ack(5);
+        assert_eq!(budget.used(), 200);
+        drop(b);
+        assert_eq!(budget.used(), 0);
+        assert_eq!(budget.total(), total);
+    }
+
+    #[test]
     fn offsets_ack_and_replay() {
-        let b = OutputBuffer::new(10);
-        b.push(Bytes::from_static(b"hello"));
-        b.push(Bytes::from_static(b"world"));
+        let b = OutputBuffer::new(10, OutputBudget::new(0));
+        let push = |d: &'static [u8]| b.push_charged(Bytes::from_static(d), 0);
+        push(b"hello");
+        push(b"world");
         assert_eq!(b.space(), 0);
         assert_eq!(b.read_at(3, 100), Read::Data(Bytes::from_static(b"lo")));
         assert_eq!(b.read_at(5, 3), Read::Data(Bytes::from_static(b"wor")));

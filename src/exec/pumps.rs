@@ -9,6 +9,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::mpsc;
 
+use super::output::{OutputBuffer, MAX_READ, UNBUDGETED_FLOOR};
 use super::Session;
 
 pub(crate) enum StdinCmd {
@@ -29,7 +30,7 @@ pub(crate) enum Stream {
 }
 
 /// Moves bytes from the process's pipe (or PTY master) into the replay buffer, and stops
-/// reading while the buffer is full.
+/// reading while the buffer is full or the global output budget is used up.
 pub(crate) async fn pump(fd: OwnedFd, session: Arc<Session>, which: Stream) {
     let buf = match which {
         Stream::Stdout => &session.stdout,
@@ -38,10 +39,11 @@ pub(crate) async fn pump(fd: OwnedFd, session: Arc<Session>, which: Stream) {
     if let Ok(afd) = register(fd, Interest::READABLE) {
         loop {
             buf.wait_space().await;
-            let want = buf.space().clamp(1, 256 * 1024);
             let Ok(mut guard) = afd.readable().await else {
                 break;
             };
+            // Taken once there is something to read, so idle sessions hold none of it.
+            let (want, charged) = reserve(buf).await;
             let mut chunk = BytesMut::with_capacity(want);
             let res = guard.try_io(|inner| {
                 // SAFETY: read(2) writes at most `want` bytes into the spare capacity
@@ -59,13 +61,27 @@ pub(crate) async fn pump(fd: OwnedFd, session: Arc<Session>, which: Stream) {
                     Ok(n as usize)
                 }
             });
-            match res {
-                Ok(Ok(0)) => break,
-                Ok(Ok(n)) => {
-                    // SAFETY: the kernel initialised the first `n` bytes.
-                    unsafe { chunk.set_len(n) };
-                    buf.push(chunk.freeze());
+            let n = match res {
+                Ok(Ok(n)) => n,
+                _ => 0,
+            };
+            if n > 0 {
+                // SAFETY: the kernel initialised the first `n` bytes.
+                unsafe { chunk.set_len(n) };
+                if n < want / 2 {
+                    // A short read would pin the whole allocation: keep a copy of the
+                    // right size instead, and charge only that.
+                    let keep = charged.min(n);
+                    buf.budget().give_back(charged - keep);
+                    buf.push_charged(Bytes::copy_from_slice(&chunk), keep);
+                } else {
+                    buf.push_charged(chunk.freeze(), charged);
                 }
+                continue;
+            }
+            buf.budget().give_back(charged);
+            match res {
+                Ok(Ok(_)) => break,
                 Ok(Err(e)) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 // EIO: every holder of a PTY's slave side closed it; that is EOF.
                 Ok(Err(_)) => break,
@@ -74,6 +90,29 @@ pub(crate) async fn pump(fd: OwnedFd, session: Arc<Session>, which: Stream) {
         }
     }
     buf.close();
+}
+
+/// How much to read next and how much of it the budget covers: all of it when the
+/// budget has room, else a session holding little may still read up to the floor,
+/// uncharged; else wait for the budget or for this session's own acknowledgements.
+async fn reserve(buf: &OutputBuffer) -> (usize, usize) {
+    loop {
+        let want = buf.space().clamp(1, MAX_READ);
+        if buf.budget().try_take(want) {
+            return (want, want);
+        }
+        let freed = buf.freed();
+        tokio::pin!(freed);
+        freed.as_mut().enable();
+        let held = buf.held();
+        if held < UNBUDGETED_FLOOR {
+            return ((UNBUDGETED_FLOOR - held).min(want), 0);
+        }
+        tokio::select! {
+            _ = buf.budget().take(want) => return (want, want),
+            _ = &mut freed => {}
+        }
+    }
 }
 
 pub(crate) async fn stdin_writer(fd: OwnedFd, mut rx: mpsc::Receiver<StdinCmd>, is_tty: bool) {

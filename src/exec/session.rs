@@ -112,13 +112,13 @@ impl SessionInputError {
 }
 
 impl Session {
-    /// The session of a process just spawned: empty replay buffers of `capacity` bytes
-    /// each, stdin open when `stdin` is given, no exit yet.
+    /// The session of a process just spawned: its two (empty) replay buffers, stdin
+    /// open when `stdin` is given, no exit yet.
     pub(super) fn new(
         id: &str,
         pid: u32,
         is_tty: bool,
-        capacity: usize,
+        [stdout, stderr]: [OutputBuffer; 2],
         stdin: Option<mpsc::Sender<StdinCmd>>,
         pty_master: Option<OwnedFd>,
         members: Membership,
@@ -128,8 +128,8 @@ impl Session {
             id: id.to_string(),
             pid,
             is_tty,
-            stdout: OutputBuffer::new(capacity),
-            stderr: OutputBuffer::new(capacity),
+            stdout,
+            stderr,
             stdin: tokio::sync::Mutex::new(StdinIn {
                 tx: stdin,
                 accepted: 0,
@@ -313,21 +313,17 @@ impl Session {
         }
     }
 
-    /// SIGKILLs every process of the session now, then keeps sweeping on a blocking
-    /// thread until none is left (a process may fork between a scan and its kill).
+    /// SIGKILLs every process of the session now, then keeps sweeping in a task until
+    /// none is left (a process may fork between a scan and its kill).
     pub(crate) fn kill_all(&self) {
         self.members.signal_all(libc::SIGKILL);
         let members = self.members;
         let id = self.id.clone();
-        let sweep = move || {
-            if !members.kill_all_blocking() {
+        tokio::spawn(async move {
+            if !members.kill_all().await {
                 tracing::warn!(event = "session.kill_incomplete", session_id = %id, left = members.members().len(), "processes of the session survived repeated SIGKILL");
             }
-        };
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => drop(rt.spawn_blocking(sweep)),
-            Err(_) => sweep(),
-        }
+        });
     }
 
     /// Releases acknowledged bytes.

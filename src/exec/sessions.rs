@@ -2,16 +2,18 @@
 //! pumps, the timeout and the exit watch of) sessions, finds them and forgets them.
 //! One session is in `session.rs`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
 use super::kill::{Membership, MARKER_BASE};
+use super::output::{OutputBudget, OutputBuffer};
 use super::pumps::{pump, stdin_writer, Stream};
 use super::session::{enforce_timeout, finish, valid_size, Session};
-use super::spawn::{self, Credentials, Io};
+use super::spawn::{self, Credentials, Hardening, Io};
+use super::spawner::Spawner;
 use super::spec::{self, ExecPolicy};
 use super::ExecError;
 use crate::pid1::Reaper;
@@ -23,11 +25,17 @@ pub struct ExecConfig {
     pub policy: ExecPolicy,
     /// Unacknowledged bytes held per output stream before the process is paused.
     pub buffer_capacity: usize,
+    /// Unacknowledged output across all sessions (bytes allocated) before every
+    /// process that writes more is paused.
+    pub output_budget: usize,
     pub max_sessions: usize,
     /// How long output is drained after the leader exits while something else still
     /// holds the pipe (a background grandchild).
     pub drain_timeout: Duration,
     pub default_kill_grace: Duration,
+    /// How long a start may take from clone to `execve` before it is killed.
+    pub spawn_timeout: Duration,
+    pub hardening: Hardening,
 }
 
 fn valid_session_id(id: &str) -> bool {
@@ -38,6 +46,13 @@ fn valid_session_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b))
 }
 
+#[derive(Default)]
+struct Table {
+    sessions: HashMap<String, Arc<Session>>,
+    /// Ids whose process is being started: taken, and counted against the limit.
+    starting: HashSet<String>,
+}
+
 /// The table of sessions: one place that opens, finds and forgets them.
 #[derive(Clone)]
 pub struct Sessions {
@@ -45,7 +60,9 @@ pub struct Sessions {
 }
 
 struct SessionsInner {
-    table: Mutex<HashMap<String, Arc<Session>>>,
+    table: Mutex<Table>,
+    spawner: Spawner,
+    budget: Arc<OutputBudget>,
     reaper: Reaper,
     cfg: ExecConfig,
     accepting: AtomicBool,
@@ -55,10 +72,13 @@ struct SessionsInner {
 }
 
 impl Sessions {
+    /// Starts the spawner thread too: here, before any tenant process exists, so a
+    /// full pids limit can never refuse it. Fails only if the OS refuses that thread.
     pub fn new(
         cfg: ExecConfig,
         reaper: Reaper,
-    ) -> (Self, mpsc::UnboundedReceiver<proto::SessionEvent>) {
+    ) -> std::io::Result<(Self, mpsc::UnboundedReceiver<proto::SessionEvent>)> {
+        let spawner = Spawner::start(cfg.spawn_timeout)?;
         if let Some((old, new)) = spawn::raise_nofile_limit() {
             tracing::info!(
                 event = "exec.nofile_raised",
@@ -70,36 +90,39 @@ impl Sessions {
         let (events, rx) = mpsc::unbounded_channel();
         let inner = SessionsInner {
             opened: AtomicU32::new(0),
-            table: Mutex::new(HashMap::new()),
+            table: Mutex::new(Table::default()),
+            spawner,
+            budget: OutputBudget::new(cfg.output_budget),
             reaper,
             cfg,
             accepting: AtomicBool::new(true),
             events,
         };
-        (
+        Ok((
             Sessions {
                 inner: Arc::new(inner),
             },
             rx,
-        )
+        ))
     }
 
-    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Session>>> {
+    fn table(&self) -> std::sync::MutexGuard<'_, Table> {
         self.inner.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<Session>> {
-        self.table().get(id).cloned()
+        self.table().sessions.get(id).cloned()
     }
 
     pub fn states(&self) -> Vec<proto::SessionState> {
-        let mut v: Vec<_> = self.table().values().map(|s| s.state()).collect();
+        let mut v: Vec<_> = self.table().sessions.values().map(|s| s.state()).collect();
         v.sort_by(|a, b| a.session_id.cmp(&b.session_id));
         v
     }
 
     pub fn live_count(&self) -> usize {
         self.table()
+            .sessions
             .values()
             .filter(|s| s.exit_status().is_none())
             .count()
@@ -112,7 +135,7 @@ impl Sessions {
 
     /// Drops a session; a running one has every process killed.
     pub fn forget(&self, id: &str) -> bool {
-        let Some(s) = self.table().remove(id) else {
+        let Some(s) = self.table().sessions.remove(id) else {
             return false;
         };
         if s.exit_status().is_none() {
@@ -129,8 +152,34 @@ impl Sessions {
         true
     }
 
-    /// Validates and starts a session. The caller reports `started`/`failed`.
-    pub fn open(&self, id: &str, spec: &proto::ExecSpec) -> Result<Arc<Session>, ExecError> {
+    /// Validates and starts a session, and reports it on the events channel: `Started`
+    /// (ahead of anything else about the session) or `Failed`. Returns the session to
+    /// attach a stream to. Takes up to the spawn timeout: run it off the control loop.
+    pub async fn open(&self, id: &str, spec: &proto::ExecSpec) -> Option<Arc<Session>> {
+        let reserved = self.reserve(id, spec);
+        let result = match reserved {
+            Ok(io) => {
+                let r = self.start(id, spec, io).await;
+                self.table().starting.remove(id);
+                r
+            }
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(session) => Some(session),
+            Err(e) => {
+                tracing::info!(event = "session.failed", session_id = %id, code = ?e.code(), error = %e, "session could not be started");
+                let _ = self.inner.events.send(proto::SessionEvent {
+                    session_id: id.to_string(),
+                    event: Some(proto::session_event::Event::Failed(e.to_proto())),
+                });
+                None
+            }
+        }
+    }
+
+    /// Checks what needs no process, and takes the id.
+    fn reserve(&self, id: &str, spec: &proto::ExecSpec) -> Result<Io, ExecError> {
         if !self.inner.accepting.load(Ordering::SeqCst) {
             return Err(ExecError::Releasing);
         }
@@ -147,18 +196,26 @@ impl Sessions {
             }
             None => Io::Pipes { stdin: spec.stdin },
         };
-        let resolved = spec::resolve(spec, &self.inner.cfg.policy)?;
-        {
-            let table = self.table();
-            if table.contains_key(id) {
-                return Err(ExecError::DuplicateSession { id: id.into() });
-            }
-            if table.len() >= self.inner.cfg.max_sessions {
-                return Err(ExecError::TooManySessions {
-                    limit: self.inner.cfg.max_sessions,
-                });
-            }
+        let mut table = self.table();
+        if table.sessions.contains_key(id) || table.starting.contains(id) {
+            return Err(ExecError::DuplicateSession { id: id.into() });
         }
+        if table.sessions.len() + table.starting.len() >= self.inner.cfg.max_sessions {
+            return Err(ExecError::TooManySessions {
+                limit: self.inner.cfg.max_sessions,
+            });
+        }
+        table.starting.insert(id.to_string());
+        Ok(io)
+    }
+
+    async fn start(
+        &self,
+        id: &str,
+        spec: &proto::ExecSpec,
+        io: Io,
+    ) -> Result<Arc<Session>, ExecError> {
+        let resolved = spec::resolve(spec, &self.inner.cfg.policy)?;
         let is_tty = matches!(io, Io::Pty { .. });
         let n = self.inner.opened.fetch_add(1, Ordering::Relaxed);
         let marker = MARKER_BASE.checked_add(n + 1);
@@ -167,7 +224,15 @@ impl Sessions {
             gid: resolved.user.gid,
             marker,
         });
-        let spawned = spawn::spawn(&resolved, io, creds, &self.inner.reaper)?;
+        let spawned = spawn::spawn(
+            &resolved,
+            io,
+            creds,
+            &self.inner.cfg.hardening,
+            &self.inner.reaper,
+            &self.inner.spawner,
+        )
+        .await?;
         let cap = self.inner.cfg.buffer_capacity;
         let (stdin_tx, stdin_rx) = mpsc::channel(64);
         let has_stdin = spawned.stdin.is_some();
@@ -183,7 +248,7 @@ impl Sessions {
             id,
             spawned.pid,
             is_tty,
-            cap,
+            [(); 2].map(|_| OutputBuffer::new(cap, self.inner.budget.clone())),
             has_stdin.then_some(stdin_tx),
             pty_master,
             Membership {
@@ -192,7 +257,16 @@ impl Sessions {
                 marker: creds.and_then(|c| c.marker),
             },
         ));
-        self.table().insert(id.to_string(), session.clone());
+        self.table()
+            .sessions
+            .insert(id.to_string(), session.clone());
+        // Before the exit watch below exists, so nothing of the session overtakes it.
+        let _ = self.inner.events.send(proto::SessionEvent {
+            session_id: id.to_string(),
+            event: Some(proto::session_event::Event::Started(proto::Started {
+                pid: spawned.pid,
+            })),
+        });
 
         let out_pump = tokio::spawn(pump(spawned.stdout, session.clone(), Stream::Stdout));
         let err_pump = match spawned.stderr {

@@ -12,9 +12,10 @@ use nix::pty::{openpty, Winsize};
 use tokio::sync::oneshot;
 
 use super::child;
+use super::spawner::{Outcome, Spawner};
 use super::spec::Resolved;
 use super::ExecError;
-use crate::pid1::{ExitInfo, Reaper};
+use crate::pid1::{ExitInfo, PendingSpawn, Reaper};
 
 /// The parent's ends of a freshly started process.
 pub struct Spawned {
@@ -89,11 +90,22 @@ pub struct Credentials {
     pub marker: Option<u32>,
 }
 
-pub fn spawn(
+/// What a session's process is made with, besides the request itself: fixed at boot.
+#[derive(Debug, Clone, Default)]
+pub struct Hardening {
+    /// `RLIMIT_NPROC` for the sandbox user's processes (0: no cap).
+    pub max_processes: u64,
+    /// The session processes' `oom_score_adj` (None: inherit the supervisor's).
+    pub oom_score_adj: Option<i32>,
+}
+
+pub async fn spawn(
     r: &Resolved,
     io: Io,
     creds: Option<Credentials>,
+    hardening: &Hardening,
     reaper: &Reaper,
+    spawner: &Spawner,
 ) -> Result<Spawned, ExecError> {
     let spawn_error = |source: std::io::Error| ExecError::Spawn {
         program: r.argv[0].to_string_lossy().into(),
@@ -185,27 +197,68 @@ pub fn spawn(
     let [a, b, c] = child_stdio;
     let raise = |fd| child::above_stdio(fd).map_err(setup("stdio descriptors"));
     let child_stdio = [raise(a)?, raise(b)?, raise(c)?];
-
-    let (argv_ptrs, envp_ptrs) = (child::pointers(&argv), child::pointers(&envp));
-    let plan = child::ChildPlan {
-        program: &program,
-        argv: &argv_ptrs,
-        envp: &envp_ptrs,
-        stdio: [
-            child_stdio[0].as_fd(),
-            child_stdio[1].as_fd(),
-            child_stdio[2].as_fd(),
-        ],
-        is_pty,
-        creds,
-        cwd: &cwd,
-        nofile_soft: ORIGINAL_NOFILE_SOFT.load(Ordering::Relaxed),
-    };
+    let nofile_soft = ORIGINAL_NOFILE_SOFT.load(Ordering::Relaxed);
+    let max_processes = hardening.max_processes;
+    let oom_score_adj = hardening.oom_score_adj.map(|v| v.to_string().into_bytes());
 
     let started_at = Instant::now();
-    // Held until the waiter is registered, so even an instant exit is dispatched here.
-    let mut guard = reaper.spawn_guard();
-    let pid = child::start(&plan).map_err(|(step, errno)| {
+    let pending = reaper.begin_spawn();
+    // Everything the child reads moves to the spawner thread and lives there until
+    // the clone returns; the raw pointers are made there too.
+    let outcome = spawner
+        .run(pending.clone(), move |cell: &PendingSpawn| {
+            let (argv_ptrs, envp_ptrs) = (child::pointers(&argv), child::pointers(&envp));
+            let plan = child::ChildPlan {
+                program: &program,
+                argv: &argv_ptrs,
+                envp: &envp_ptrs,
+                stdio: [
+                    child_stdio[0].as_fd(),
+                    child_stdio[1].as_fd(),
+                    child_stdio[2].as_fd(),
+                ],
+                is_pty,
+                creds,
+                cwd: &cwd,
+                nofile_soft,
+                max_processes,
+                oom_score_adj: oom_score_adj.as_deref(),
+                child_pid: &cell.child_pid,
+            };
+            let result = child::start(&plan);
+            // The child's ends close here, so EOF is seen once the child and its heirs
+            // exit.
+            drop(child_stdio);
+            result
+        })
+        .await;
+    let (result, timed_out) = match outcome {
+        Outcome::Finished(r) => (r, false),
+        Outcome::TimedOut(r) => (r, true),
+        Outcome::Gone => {
+            reaper.end_spawn(&pending, None, |_| ());
+            return Err(ExecError::Spawn {
+                program: r.argv[0].to_string_lossy().into(),
+                source: std::io::Error::other("the spawner thread is gone"),
+            });
+        }
+    };
+    let pid = match &result {
+        Ok(pid) => Some(*pid),
+        Err((child::Step::Clone, _)) => None,
+        Err(_) => Some(pending.child_pid.load(Ordering::SeqCst) as u32).filter(|&p| p > 0),
+    };
+    // Read while the reaper is locked out: the process (or its zombie) still exists.
+    let watched = reaper.end_spawn(&pending, pid, |pid| {
+        super::kill::start_time(pid).unwrap_or(0)
+    });
+    if timed_out {
+        return Err(ExecError::SpawnTimeout {
+            program: r.argv[0].to_string_lossy().into(),
+            bound: spawner.bound,
+        });
+    }
+    let pid = result.map_err(|(step, errno)| {
         // The errno stays the error's OS code: it picks the protocol code.
         let source = std::io::Error::from_raw_os_error(errno as i32);
         let step = match step {
@@ -213,6 +266,13 @@ pub fn spawn(
             // not handed to /bin/sh: say how to run it instead.
             child::Step::Exec if errno == nix::errno::Errno::ENOEXEC => {
                 "execve (not a binary for this machine and no '#!' line: add one, or run it as [\"/bin/sh\", \"<file>\"])".to_string()
+            }
+            // setuid marked the user over its RLIMIT_NPROC; execve refuses then.
+            child::Step::Exec if errno == nix::errno::Errno::EAGAIN && max_processes > 0 => {
+                return ExecError::TooManyProcesses {
+                    program: r.argv[0].to_string_lossy().into(),
+                    limit: max_processes,
+                };
             }
             child::Step::Exec => return spawn_error(source),
             child::Step::WorkingDirectory => {
@@ -226,12 +286,7 @@ pub fn spawn(
             source,
         }
     })?;
-    let exit = guard.watch(pid);
-    // Read while the reaper is locked out: the process (or its zombie) still exists.
-    let start_time = super::kill::start_time(pid).unwrap_or(0);
-    drop(guard);
-    // The child's ends close here, so EOF is seen once the child and its heirs exit.
-    drop(child_stdio);
+    let (exit, start_time) = watched.expect("a started child has a pid");
     Ok(Spawned {
         pid,
         stdin,
@@ -239,7 +294,7 @@ pub fn spawn(
         stderr,
         exit,
         started_at,
-        start_time,
+        start_time: start_time.unwrap_or(0),
     })
 }
 

@@ -5,13 +5,15 @@
 //! signals we handle so that every thread inherits the mask and only the reaper thread
 //! (reading a `signalfd`) ever sees them. Then [`Pid1::start`] spawns that thread.
 
+mod limits;
 mod reaper;
 mod residency;
 pub use residency::drop_clean_code;
 mod signals;
 mod tree;
 
-pub use reaper::{ExitInfo, Reaper, SpawnGuard};
+pub use limits::{pids_limit, OomProtection, SUPERVISOR_PIDS_RESERVE};
+pub use reaper::{ExitInfo, PendingSpawn, Reaper};
 pub use signals::{ExternalSignal, SignalIntake};
 pub use tree::{descendants, kill_workload, Scope};
 
@@ -69,6 +71,7 @@ pub(crate) fn handled_signals() -> SigSet {
 /// Process-wide set-up that must happen before any thread is created.
 pub struct Pid1 {
     mode: Mode,
+    oom: OomProtection,
 }
 
 /// Blocks the handled signals (inherited by every thread created later), makes the
@@ -97,7 +100,10 @@ pub fn prepare() -> Result<Pid1, Pid1Error> {
         })?;
         Mode::Subreaper
     };
-    Ok(Pid1 { mode })
+    // Before any thread or child exists, so everything started later inherits it
+    // (session children then raise their own).
+    let oom = limits::protect_from_oom();
+    Ok(Pid1 { mode, oom })
 }
 
 impl Pid1 {
@@ -108,6 +114,15 @@ impl Pid1 {
     /// Starts the reaper thread. Returns the reaper (spawn and wait go through it) and
     /// the intake of signals that ask the supervisor to release.
     pub fn start(self) -> Result<(Reaper, SignalIntake), Pid1Error> {
+        if self.oom.fully_protected {
+            tracing::info!(
+                event = "pid1.oom_protected",
+                oom_score_adj = self.oom.score_adj,
+                "the OOM killer will not choose the supervisor"
+            );
+        } else {
+            tracing::warn!(event = "pid1.oom_protected", oom_score_adj = self.oom.score_adj, guarantee = "weaker: sessions still rank above the supervisor, but without CAP_SYS_RESOURCE it cannot go below the oom_score_adj it inherited", "cannot set oom_score_adj -1000");
+        }
         signals::start(self.mode)
     }
 }

@@ -1,17 +1,17 @@
 //! The one owner of `waitpid`. Every child and every reparented orphan is reaped here;
 //! statuses of processes someone waits for are dispatched to them.
 //!
-//! `std::process::Command::spawn` itself calls `waitpid` on its child when `exec`
-//! fails. A `waitpid(-1)` running at that moment would steal the status and make std
-//! panic, so spawns hold the [`SpawnGuard`] and the reaper takes the same lock around
-//! its `waitpid` loop. Registering the waiter under that lock also closes the race
-//! where a child exits before anybody registered for it.
+//! A spawn never holds the reaper's lock while its child runs: a child the tenant
+//! stops before it execs would then stop the reaper, and with it signal intake (the
+//! signal thread reaps on SIGCHLD). Instead a spawn registers a [`PendingSpawn`] first;
+//! the child writes its own pid there before anything else, so an exit reaped before
+//! the spawner learnt the pid is kept for it rather than taken for an orphan's.
 
 use nix::errno::Errno;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 use tokio::sync::{oneshot, watch};
@@ -35,8 +35,21 @@ impl ExitInfo {
     }
 }
 
+type Exit = (ExitInfo, Instant);
+
 struct Table {
-    waiters: HashMap<i32, oneshot::Sender<(ExitInfo, Instant)>>,
+    waiters: HashMap<i32, oneshot::Sender<Exit>>,
+    /// Spawns whose child may exist before its pid reached the spawner.
+    pending: Vec<Arc<PendingSpawn>>,
+    /// Exits of pending spawns' children, reaped before [`Reaper::end_spawn`].
+    early: HashMap<i32, Exit>,
+}
+
+/// A spawn in flight: see the module comment.
+#[derive(Debug, Default)]
+pub struct PendingSpawn {
+    /// Written by the child itself, first thing; 0 until then.
+    pub child_pid: AtomicI32,
 }
 
 pub(super) struct Shared {
@@ -53,20 +66,6 @@ pub struct Reaper {
     pub(super) shared: Arc<Shared>,
 }
 
-/// Held while spawning: the reaper cannot run `waitpid` until it is dropped.
-pub struct SpawnGuard<'a> {
-    table: MutexGuard<'a, Table>,
-}
-
-impl SpawnGuard<'_> {
-    /// Registers interest in `pid`'s exit; call before dropping the guard.
-    pub fn watch(&mut self, pid: u32) -> oneshot::Receiver<(ExitInfo, Instant)> {
-        let (tx, rx) = oneshot::channel();
-        self.table.waiters.insert(pid as i32, tx);
-        rx
-    }
-}
-
 impl Reaper {
     pub(super) fn new(mode: Mode) -> Self {
         let (children_left, _) = watch::channel(true);
@@ -74,6 +73,8 @@ impl Reaper {
             shared: Arc::new(Shared {
                 table: Mutex::new(Table {
                     waiters: HashMap::new(),
+                    pending: Vec::new(),
+                    early: HashMap::new(),
                 }),
                 reaped_total: AtomicU64::new(0),
                 children_left,
@@ -86,10 +87,40 @@ impl Reaper {
         self.shared.mode
     }
 
-    /// Locks out the reaper for the duration of a spawn.
-    pub fn spawn_guard(&self) -> SpawnGuard<'_> {
-        SpawnGuard {
-            table: self.shared.table.lock().unwrap_or_else(|e| e.into_inner()),
+    fn table(&self) -> MutexGuard<'_, Table> {
+        self.shared.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers a spawn about to start (before the clone).
+    pub fn begin_spawn(&self) -> Arc<PendingSpawn> {
+        let pending = Arc::new(PendingSpawn::default());
+        self.table().pending.push(pending.clone());
+        pending
+    }
+
+    /// Ends a spawn whose clone returned `pid` (None: no child was made). Returns the
+    /// receiver of the child's exit, already filled if it was reaped meanwhile, and
+    /// what `while_unreaped` returned: it runs with the reaper locked out while the
+    /// process, or its zombie, still exists (e.g. to read its /proc entry).
+    pub fn end_spawn<T>(
+        &self,
+        pending: &Arc<PendingSpawn>,
+        pid: Option<u32>,
+        while_unreaped: impl FnOnce(u32) -> T,
+    ) -> Option<(oneshot::Receiver<Exit>, Option<T>)> {
+        let mut table = self.table();
+        table.pending.retain(|p| !Arc::ptr_eq(p, pending));
+        let pid = pid?;
+        let (tx, rx) = oneshot::channel();
+        match table.early.remove(&(pid as i32)) {
+            Some(exit) => {
+                let _ = tx.send(exit);
+                Some((rx, None))
+            }
+            None => {
+                table.waiters.insert(pid as i32, tx);
+                Some((rx, Some(while_unreaped(pid))))
+            }
         }
     }
 
@@ -101,7 +132,7 @@ impl Reaper {
     /// Reaps everything that has exited. Called by the signal thread on SIGCHLD, and
     /// by [`Reaper::wait_no_children`] to poll. Returns whether children remain.
     pub(super) fn reap_pass(&self) -> bool {
-        let mut table = self.shared.table.lock().unwrap_or_else(|e| e.into_inner());
+        let mut table = self.table();
         let has_children = loop {
             match waitpid(
                 Pid::from_raw(-1),
@@ -123,8 +154,15 @@ impl Reaper {
                         _ => continue,
                     };
                     self.shared.reaped_total.fetch_add(1, Ordering::Relaxed);
-                    if let Some(tx) = table.waiters.remove(&pid.as_raw()) {
+                    let raw = pid.as_raw();
+                    if let Some(tx) = table.waiters.remove(&raw) {
                         let _ = tx.send((info, Instant::now()));
+                    } else if table
+                        .pending
+                        .iter()
+                        .any(|p| p.child_pid.load(Ordering::SeqCst) == raw)
+                    {
+                        table.early.insert(raw, (info, Instant::now()));
                     } else {
                         tracing::debug!(
                             event = "pid1.orphan_reaped",

@@ -359,35 +359,18 @@ impl Relay {
         match msg.msg? {
             Msg::Heartbeat(_) | Msg::Accepted(_) => {}
             Msg::OpenSession(open) => {
-                let spec = open.spec.unwrap_or_default();
-                let event = match self.sessions.open(&open.session_id, &spec) {
-                    Ok(session) => {
-                        stream::attach(
-                            channel.clone(),
-                            self.creds.clone(),
-                            session.clone(),
-                            0,
-                            0,
-                            self.telemetry.clone(),
-                            None,
-                        );
-                        proto::session_event::Event::Started(proto::Started { pid: session.pid })
+                // Off the control loop: a start can take up to the spawn timeout (a
+                // tenant may stop the child before it execs), and heartbeats, other
+                // sessions and Release must not wait for it. `open` reports Started or
+                // Failed on the events channel, which this loop forwards.
+                let (sessions, channel) = (self.sessions.clone(), channel.clone());
+                let (creds, telemetry) = (self.creds.clone(), self.telemetry.clone());
+                tokio::spawn(async move {
+                    let spec = open.spec.unwrap_or_default();
+                    if let Some(session) = sessions.open(&open.session_id, &spec).await {
+                        stream::attach(channel, creds, session, 0, 0, telemetry, None);
                     }
-                    Err(e) => {
-                        tracing::info!(event = "session.failed", session_id = %open.session_id, code = ?e.code(), error = %e, "session could not be started");
-                        proto::session_event::Event::Failed(e.to_proto())
-                    }
-                };
-                let ev = proto::SessionEvent {
-                    session_id: open.session_id,
-                    event: Some(event),
-                };
-                self.count_outcome(&ev);
-                let msg = SupervisorMessage {
-                    msg: Some(supervisor_message::Msg::SessionEvent(ev)),
-                };
-                // A stalled stream is noticed by the heartbeat check; do not wait here.
-                let _ = send_bounded(tx, msg, EVENT_SEND_LIMIT).await;
+                });
             }
             Msg::AttachSession(a) => {
                 match self.sessions.get(&a.session_id) {
