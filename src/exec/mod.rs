@@ -14,4 +14,4 @@ pub mod spec;
 pub use error::ExecError;
 pub use session::{Session, SessionInputError, StdinAccepted};
 pub use sessions::{ExecConfig, Sessions};
-pub use spec::{lookup_user, ExecPolicy, User};
+pub use spec::{lookup_user, try_lookup_user, ExecPolicy, User, MAX_PASSWD_BYTES};
