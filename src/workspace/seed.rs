@@ -60,6 +60,31 @@ pub(crate) async fn seed(
     inner: Arc<Inner>,
     source: SeedSource,
     pod_uid: Option<String>,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<SeedRecord, SeedError> {
+    // The blocking copy polls `cancel` between chunks; the async download watches `rx`.
+    let cancel = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let work = seed_cancellable(inner, source, pod_uid, cancel.clone(), rx);
+    tokio::pin!(work, stop);
+    tokio::select! {
+        result = &mut work => result,
+        () = &mut stop => {
+            cancel.store(true, Ordering::Relaxed);
+            let _ = tx.send(true);
+            // Not dropped: the blocking part must have stopped writing into staging
+            // before the staging directory is discarded, which `work` does itself.
+            work.await
+        }
+    }
+}
+
+async fn seed_cancellable(
+    inner: Arc<Inner>,
+    source: SeedSource,
+    pod_uid: Option<String>,
+    cancel: Arc<AtomicBool>,
+    mut cancel_rx: tokio::sync::watch::Receiver<bool>,
 ) -> Result<SeedRecord, SeedError> {
     let started = Instant::now();
     let prep = {
@@ -75,25 +100,46 @@ pub(crate) async fn seed(
     };
     tracing::info!(event = "seed.started", source = %source.describe(), "seeding the workspace");
     let result = async {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(SeedError::Cancelled);
+        }
         let mut source_sha = None;
         if let SeedSource::Url {
             url,
             sha256,
             ca_file,
+            timeouts,
         } = &source
         {
             let file = create_download(&staging, &inner)?;
-            source_sha = Some(fetch_download(url, sha256, ca_file.as_deref(), file).await?);
+            let download = fetch_download(url, sha256, ca_file.as_deref(), *timeouts, file);
+            source_sha = Some(tokio::select! {
+                r = download => r?,
+                _ = cancel_rx.wait_for(|c| *c) => return Err(SeedError::Cancelled),
+            });
         }
         let (inner2, staging2, source2) = (inner.clone(), staging.clone(), source.clone());
+        let cancel2 = cancel.clone();
         blocking(move || {
-            inner2.populate_and_commit(&staging2, &source2, source_sha, pod_uid, started)
+            inner2.populate_and_commit(&staging2, &source2, source_sha, pod_uid, started, &cancel2)
         })
         .await
     }
     .await;
+    // Whatever failed once the stop came (a read cut short, a chunk refused) was the stop.
+    let result = match result {
+        Err(_) if cancel.load(Ordering::Relaxed) => Err(SeedError::Cancelled),
+        other => other,
+    };
     if let Err(e) = &result {
-        tracing::warn!(event = "seed.failed", error = %e, "seed failed; discarding the staging directory");
+        if matches!(e, SeedError::Cancelled) {
+            tracing::info!(
+                event = "seed.cancelled",
+                "seeding stopped; discarding the staging directory"
+            );
+        } else {
+            tracing::warn!(event = "seed.failed", error = %e, "seed failed; discarding the staging directory");
+        }
         let (inner, staging) = (inner.clone(), staging.clone());
         let cleaned = blocking(move || {
             inner
@@ -112,9 +158,26 @@ async fn fetch_download(
     url: &str,
     sha256: &str,
     ca_file: Option<&Path>,
+    timeouts: super::SeedTimeouts,
     file: std::fs::File,
 ) -> Result<String, SeedError> {
-    super::fetch::download(url, sha256, ca_file, file).await
+    super::fetch::download(url, sha256, ca_file, timeouts, file).await
+}
+
+/// A reader that fails once seeding is stopped, so the decompressors and the tar parser
+/// stop at their next read.
+struct Cancellable<'a, R> {
+    inner: R,
+    cancel: &'a AtomicBool,
+}
+
+impl<R: std::io::Read> std::io::Read for Cancellable<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.cancel.load(Ordering::Relaxed) {
+            return Err(std::io::Error::from_raw_os_error(libc::ECANCELED));
+        }
+        self.inner.read(buf)
+    }
 }
 
 fn create_download(staging: &Staging, inner: &Inner) -> Result<std::fs::File, SeedError> {
@@ -227,6 +290,7 @@ impl Inner {
         download_sha: Option<String>,
         pod_uid: Option<String>,
         started: Instant,
+        cancel: &AtomicBool,
     ) -> Result<SeedRecord, SeedError> {
         let chown = self.privileged.then_some((self.owner.uid, self.owner.gid));
         let tree = fsutil::dup(staging.tree.as_fd()).map_err(|e| io("dup", &self.sup_s, e))?;
@@ -235,12 +299,19 @@ impl Inner {
         let mut source_sha = download_sha;
         match source {
             SeedSource::None => {}
-            SeedSource::Directory(dir) => copy_directory(dir, &mut stager)?,
+            SeedSource::Directory(dir) => copy_directory(dir, &mut stager, cancel)?,
             SeedSource::Archive(path) => {
-                let file = std::fs::File::open(path).map_err(|e| SeedError::Source {
-                    source_desc: desc.clone(),
-                    problem: format!("cannot be opened: {e}"),
+                // Not opened blindly: a FIFO would block here, /dev/zero never end.
+                let file = crate::envfile::open_regular(path, "seed archive").map_err(|e| {
+                    SeedError::Source {
+                        source_desc: desc.clone(),
+                        problem: e.problem(),
+                    }
                 })?;
+                let file = Cancellable {
+                    inner: file,
+                    cancel,
+                };
                 source_sha = Some(extract(file, &mut stager, &desc)?);
             }
             SeedSource::Url { .. } => {
@@ -251,7 +322,11 @@ impl Inner {
                     Mode::empty(),
                 )
                 .map_err(|e| io("open download in", &self.sup_s, e))?;
-                extract(std::fs::File::from(fd), &mut stager, &desc)?;
+                let file = Cancellable {
+                    inner: std::fs::File::from(fd),
+                    cancel,
+                };
+                extract(file, &mut stager, &desc)?;
                 unlinkat(
                     staging.dir.as_fd(),
                     DOWNLOAD_NAME,
@@ -261,6 +336,10 @@ impl Inner {
             }
         }
         let summary: StageSummary = stager.finish().map_err(stage_err)?;
+        // The last point to stop: after the rename the seed is committed.
+        if cancel.load(Ordering::Relaxed) {
+            return Err(SeedError::Cancelled);
+        }
         self.commit(staging, summary, desc, source_sha, pod_uid, started)
     }
 
@@ -331,7 +410,7 @@ impl Inner {
     }
 }
 
-fn extract(file: std::fs::File, stager: &mut Stager, desc: &str) -> Result<String, SeedError> {
+fn extract(file: impl std::io::Read, stager: &mut Stager, desc: &str) -> Result<String, SeedError> {
     archive::extract(file, stager).map_err(|e| match e {
         ArchiveError::Format(problem) => SeedError::Archive {
             source_desc: desc.to_owned(),
@@ -354,7 +433,11 @@ struct FileJob {
 /// Copies a directory tree (baked into the image, so trusted to hold no tricks, but still
 /// checked: only files, directories and symlinks). Directories and links are created in
 /// one pass; file contents are copied and hashed on several threads; hardlinks last.
-fn copy_directory(src_root: &Path, stager: &mut Stager) -> Result<(), SeedError> {
+fn copy_directory(
+    src_root: &Path,
+    stager: &mut Stager,
+    cancel: &AtomicBool,
+) -> Result<(), SeedError> {
     let desc = format!("directory:{}", src_root.display());
     let root_meta = std::fs::metadata(src_root).map_err(|e| SeedError::Source {
         source_desc: desc.clone(),
@@ -423,7 +506,7 @@ fn copy_directory(src_root: &Path, stager: &mut Stager) -> Result<(), SeedError>
             }
         }
     }
-    let results = copy_files(stager, &jobs)?;
+    let results = copy_files(stager, &jobs, cancel)?;
     for (job, (hash, size)) in jobs.iter().zip(results) {
         stager.record_file(&job.rel, job.mode, hash, size);
     }
@@ -436,7 +519,11 @@ fn copy_directory(src_root: &Path, stager: &mut Stager) -> Result<(), SeedError>
 /// Copies and hashes the files on up to 4 threads. Each thread creates its files with
 /// `O_EXCL|O_NOFOLLOW` by path below the staging tree: every directory on those paths
 /// was created by this seed inside the root-only `.supervisor/`, so nothing can redirect it.
-fn copy_files(stager: &Stager, jobs: &[FileJob]) -> Result<Vec<([u8; 32], u64)>, SeedError> {
+fn copy_files(
+    stager: &Stager,
+    jobs: &[FileJob],
+    cancel: &AtomicBool,
+) -> Result<Vec<([u8; 32], u64)>, SeedError> {
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .clamp(1, 4)
@@ -457,11 +544,14 @@ fn copy_files(stager: &Stager, jobs: &[FileJob]) -> Result<Vec<([u8; 32], u64)>,
                         if failed.load(Ordering::Relaxed) {
                             return Ok(done);
                         }
+                        if cancel.load(Ordering::Relaxed) {
+                            return Err(SeedError::Cancelled);
+                        }
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         let Some(job) = jobs.get(i) else {
                             return Ok(done);
                         };
-                        match copy_one(tree, job, chown, reflink, &mut buf) {
+                        match copy_one(tree, job, chown, reflink, cancel, &mut buf) {
                             Ok((hash, size)) => done.push((i, hash, size)),
                             Err(e) => {
                                 failed.store(true, Ordering::Relaxed);
@@ -500,12 +590,14 @@ fn copy_one(
     job: &FileJob,
     chown: Option<(u32, u32)>,
     reflink: &AtomicBool,
+    cancel: &AtomicBool,
     buf: &mut [u8],
 ) -> Result<([u8; 32], u64), SeedError> {
     let entry = || fsutil::escape_bytes(&job.rel);
     let mut src = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
+        // O_NONBLOCK: a file swapped for a FIFO since the walk fails instead of blocking.
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(&job.src)
         .map_err(|e| SeedError::Entry {
             entry: entry(),
@@ -525,11 +617,12 @@ fn copy_one(
         entry: entry(),
         problem: format!("cannot be created in staging: {e}"),
     })?;
-    let (hash, size) =
-        stage::copy_content(&mut src, &dst, reflink, buf).map_err(|e| SeedError::Entry {
+    let (hash, size) = stage::copy_content(&mut src, &dst, reflink, cancel, buf).map_err(|e| {
+        SeedError::Entry {
             entry: entry(),
             problem: format!("copy failed: {e}"),
-        })?;
+        }
+    })?;
     stage::finish_file(&dst, job.mode, Some(job.mtime), chown).map_err(|e| SeedError::Entry {
         entry: entry(),
         problem: format!("cannot set owner/mode/time: {e}"),

@@ -464,6 +464,7 @@ fn url_seed_with_pinned_sha256() {
     // Wrong digest: error, nothing in the workspace, no staging, no record.
     let (url, h) = serve(body.clone(), 1);
     let wrong = SeedSource::Url {
+        timeouts: Default::default(),
         url: url.clone(),
         sha256: "0".repeat(64),
         ca_file: None,
@@ -485,6 +486,7 @@ fn url_seed_with_pinned_sha256() {
     // Right digest (with the sha256: prefix, upper case): seeded.
     let (url, h) = serve(body, 1);
     let good = SeedSource::Url {
+        timeouts: Default::default(),
         url,
         sha256: format!("sha256:{}", sha.to_uppercase()),
         ca_file: None,
