@@ -154,6 +154,9 @@ fn io_err(what: &'static str, path: &Path, source: std::io::Error) -> EnvFileErr
 /// file (for streaming a large one, like the seed archive). `O_NONBLOCK` stays set: it
 /// has no effect on regular files.
 pub fn open_regular(path: &Path, what: &'static str) -> Result<File, EnvFileError> {
+    // `stat` first: opening some devices has effects of its own (a watchdog starts, a
+    // tape rewinds). The fstat below closes the window between the two.
+    check(path, what, None)?;
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
