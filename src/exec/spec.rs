@@ -6,6 +6,9 @@ use std::ffi::OsString;
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use nix::errno::Errno;
 
 use super::ExecError;
 use crate::proto::ExecSpec;
@@ -172,7 +175,16 @@ pub fn resolve(spec: &ExecSpec, policy: &ExecPolicy) -> Result<Resolved, ExecErr
         find_program(&spec.argv[0], &path_var, &cwd)
     };
     let program = if policy.privileged && user.uid != 0 {
-        as_user(&user, check)?
+        match as_user(&user, &check)? {
+            Ok(checked) => checked?,
+            Err(errno) => {
+                // Better sessions with root's view of the paths than no sessions.
+                if !USER_VIEW_WARNED.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(event = "exec.user_view_unavailable", error = %errno, "cannot take the session user's file-system identity on a thread; working directories and programs are checked as root (a tenant may tell whether root-only paths exist)");
+                }
+                check()?
+            }
+        }
     } else {
         check()?
     };
@@ -233,49 +245,47 @@ fn check_cwd(cwd: &Path) -> Result<(), ExecError> {
 /// file capabilities from the thread's effective set, so `stat` and `access` answer as
 /// they will for the session. Credentials are per thread in the kernel; raw syscalls keep
 /// glibc from applying the change to every thread, and the thread ends with `f`.
+/// `Ok(Err(errno))`: the kernel (a sandboxing runtime, a seccomp filter) refused the
+/// identity change, and `f` did not run.
 fn as_user<T: Send>(
     user: &User,
-    f: impl FnOnce() -> Result<T, ExecError> + Send,
-) -> Result<T, ExecError> {
+    f: &(dyn Fn() -> Result<T, ExecError> + Sync),
+) -> Result<Result<Result<T, ExecError>, Errno>, ExecError> {
     let (uid, gid) = (user.uid, user.gid);
-    let setup = |source| ExecError::Setup {
-        what: "check of the paths with the session user's access",
-        source,
-    };
     std::thread::scope(|s| {
         let worker = std::thread::Builder::new()
             .name("exec-user-view".into())
             .spawn_scoped(s, move || {
                 // SAFETY: raw setgroups/setfsgid/setfsuid change only this thread's
-                // credentials; no pointer is passed but a null list of length 0.
+                // credentials; the group list passed is empty (null, length 0).
                 unsafe {
                     if libc::syscall(libc::SYS_setgroups, 0usize, std::ptr::null::<libc::gid_t>())
                         != 0
                     {
-                        return Err(setup(nix::errno::Errno::last()));
+                        return Err(Errno::last());
                     }
                     // Each returns the previous id: the second call reads back the new one.
                     libc::syscall(libc::SYS_setfsgid, gid);
                     if libc::syscall(libc::SYS_setfsgid, gid) as u32 != gid {
-                        return Err(setup(nix::errno::Errno::EPERM));
+                        return Err(Errno::EPERM);
                     }
                     libc::syscall(libc::SYS_setfsuid, uid);
                     if libc::syscall(libc::SYS_setfsuid, uid) as u32 != uid {
-                        return Err(setup(nix::errno::Errno::EPERM));
+                        return Err(Errno::EPERM);
                     }
                 }
-                f()
+                Ok(f())
             })
-            .map_err(|e| {
-                setup(nix::errno::Errno::from_raw(
-                    e.raw_os_error().unwrap_or(libc::EAGAIN),
-                ))
+            .map_err(|e| ExecError::Spawn {
+                program: "(the path check as the session user)".into(),
+                source: e,
             })?;
-        worker
-            .join()
-            .unwrap_or_else(|_| Err(setup(nix::errno::Errno::EFAULT)))
+        Ok(worker.join().unwrap_or(Err(Errno::EFAULT)))
     })
 }
+
+/// Logged once: the user-view check is not available here, paths are checked as root.
+static USER_VIEW_WARNED: AtomicBool = AtomicBool::new(false);
 
 /// Resolves argv[0] the way a shell would, but with errors that say what was searched.
 fn find_program(name: &str, path_var: &str, cwd: &Path) -> Result<PathBuf, ExecError> {
