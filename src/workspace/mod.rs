@@ -12,6 +12,7 @@
 
 mod archive;
 mod boot;
+mod copydir;
 mod fetch;
 mod flags;
 mod fsutil;
