@@ -6,6 +6,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::envfile;
+use crate::telemetry::redact_url;
+
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 #[derive(Debug, Parser)]
@@ -63,6 +66,15 @@ pub struct RunConfig {
     /// CA bundle for --seed-url (default: public web PKI roots).
     #[arg(long, env = "SANDBOX_SUPERVISOR_SEED_CA")]
     pub seed_ca: Option<PathBuf>,
+    /// Give up on --seed-url when the TCP/TLS connection is not up within this long.
+    #[arg(long, env = "SANDBOX_SUPERVISOR_SEED_CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub seed_connect_timeout: Duration,
+    /// Give up on --seed-url when no byte arrives for this long (a stalled server).
+    #[arg(long, env = "SANDBOX_SUPERVISOR_SEED_IDLE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub seed_idle_timeout: Duration,
+    /// Give up on --seed-url when the whole download takes longer than this.
+    #[arg(long, env = "SANDBOX_SUPERVISOR_SEED_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
+    pub seed_timeout: Duration,
 
     /// Gateway endpoint (https://host:port; http:// needs --allow-plaintext).
     #[arg(long, env = "SANDBOX_SUPERVISOR_GATEWAY")]
@@ -319,8 +331,10 @@ pub enum ConfigError {
     PlaintextNotAllowed(String),
     #[error("--seed-sha256 {0:?}: must be 64 hex digits")]
     SeedDigest(String),
-    #[error("--seed-url {0:?}: must be an https:// URL")]
+    #[error("--seed-url {0:?}: must be an https:// URL (plain http:// only to a loopback host)")]
     SeedUrl(String),
+    #[error("--{0} must be more than 0")]
+    ZeroTimeout(&'static str),
     #[error("--{option} {path}: {why}")]
     File {
         option: &'static str,
@@ -334,13 +348,13 @@ impl RunConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if let Some(rest) = self.gateway.strip_prefix("http://") {
             if !self.allow_plaintext {
-                return Err(ConfigError::PlaintextNotAllowed(self.gateway.clone()));
+                return Err(ConfigError::PlaintextNotAllowed(redact_url(&self.gateway)));
             }
             if rest.is_empty() {
-                return Err(ConfigError::GatewayScheme(self.gateway.clone()));
+                return Err(ConfigError::GatewayScheme(redact_url(&self.gateway)));
             }
         } else if !self.gateway.starts_with("https://") || self.gateway.len() <= "https://".len() {
-            return Err(ConfigError::GatewayScheme(self.gateway.clone()));
+            return Err(ConfigError::GatewayScheme(redact_url(&self.gateway)));
         }
         if let Some(d) = &self.seed_sha256 {
             if d.len() != 64 || !d.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -348,25 +362,70 @@ impl RunConfig {
             }
         }
         if let Some(u) = &self.seed_url {
-            let loopback = u.starts_with("http://127.") || u.starts_with("http://localhost");
-            if !u.starts_with("https://") && !loopback {
-                return Err(ConfigError::SeedUrl(u.clone()));
+            // Plain http only to loopback (local test servers), as the download enforces.
+            let ok = reqwest::Url::parse(u).is_ok_and(|url| match url.scheme() {
+                "https" => true,
+                "http" => url.host_str().is_some_and(|h| {
+                    h.eq_ignore_ascii_case("localhost")
+                        || h.trim_start_matches('[')
+                            .trim_end_matches(']')
+                            .parse::<std::net::IpAddr>()
+                            .is_ok_and(|ip| ip.is_loopback())
+                }),
+                _ => false,
+            });
+            if !ok {
+                return Err(ConfigError::SeedUrl(redact_url(u)));
+            }
+            for (option, d) in [
+                ("seed-connect-timeout", self.seed_connect_timeout),
+                ("seed-idle-timeout", self.seed_idle_timeout),
+                ("seed-timeout", self.seed_timeout),
+            ] {
+                if d.is_zero() {
+                    return Err(ConfigError::ZeroTimeout(option));
+                }
             }
         }
-        for (option, path) in [
-            ("gateway-ca", &self.gateway_ca),
-            ("client-cert", &self.client_cert),
-            ("client-key", &self.client_key),
-            ("seed-ca", &self.seed_ca),
-            ("seed-archive", &self.seed_archive),
-        ] {
-            if let Some(p) = path {
-                if let Err(e) = std::fs::metadata(p) {
+        // Files are checked with `stat` only (never opened here: a FIFO would block);
+        // each is checked again on its opened fd when it is read (crate::envfile).
+        const PEM: Option<u64> = Some(1024 * 1024);
+        let required = [
+            ("gateway-ca", self.gateway_ca.as_ref(), PEM),
+            ("client-cert", self.client_cert.as_ref(), PEM),
+            ("client-key", self.client_key.as_ref(), PEM),
+            ("seed-ca", self.seed_ca.as_ref(), PEM),
+            ("seed-archive", self.seed_archive.as_ref(), None),
+        ];
+        // These may legitimately appear later (a volume mounted after start) or be
+        // absent (a numeric --sandbox-user needs no passwd): only what is there is checked.
+        let if_present = [
+            (
+                "token-path",
+                Some(&self.token_path),
+                Some(crate::identity::MAX_TOKEN_BYTES),
+            ),
+            (
+                "passwd",
+                Some(&self.passwd),
+                Some(crate::exec::MAX_PASSWD_BYTES),
+            ),
+        ];
+        for (option, path, limit, must_exist) in required
+            .into_iter()
+            .map(|(o, p, l)| (o, p, l, true))
+            .chain(if_present.into_iter().map(|(o, p, l)| (o, p, l, false)))
+        {
+            let Some(p) = path else { continue };
+            match envfile::check(p, "file", limit) {
+                Ok(()) => {}
+                Err(e) if e.is_missing() && !must_exist => {}
+                Err(e) => {
                     return Err(ConfigError::File {
                         option,
                         path: p.display().to_string(),
-                        why: format!("cannot be read ({e})"),
-                    });
+                        why: e.problem(),
+                    })
                 }
             }
         }

@@ -9,6 +9,7 @@ pub mod proto {
 }
 
 pub mod config;
+pub mod envfile;
 pub mod exec;
 #[cfg(feature = "reference-gateway")]
 pub mod gateway;

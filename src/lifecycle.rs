@@ -159,10 +159,23 @@ pub async fn run(
 
     // ── boot: the volume, its records, and what this boot may do ────────────────────
     let privileged = nix::unistd::geteuid().is_root();
-    let Some(sandbox_user) = crate::exec::lookup_user(&m.cfg.passwd, &m.cfg.sandbox_user) else {
-        tracing::error!(event = "config.invalid", option = "sandbox-user", value = %m.cfg.sandbox_user, "--sandbox-user {:?} is not in {}: add the user to the image", m.cfg.sandbox_user, m.cfg.passwd.display());
-        return exit::CONFIG;
+    let sandbox_user = match crate::exec::try_lookup_user(&m.cfg.passwd, &m.cfg.sandbox_user) {
+        Ok(Some(u)) => u,
+        Ok(None) => {
+            tracing::error!(event = "config.invalid", option = "sandbox-user", value = %m.cfg.sandbox_user, "--sandbox-user {:?} is not in {}: add the user to the image", m.cfg.sandbox_user, m.cfg.passwd.display());
+            return exit::CONFIG;
+        }
+        Err(e) => {
+            tracing::error!(event = "config.invalid", option = "passwd", error = %e, "--passwd: {e}");
+            return exit::CONFIG;
+        }
     };
+    // Every session without an explicit user runs as the sandbox user: if that is root,
+    // refusing an explicit `user: root` would protect nothing.
+    if sandbox_user.is_root() && !m.cfg.allow_root_sessions {
+        tracing::error!(event = "config.invalid", option = "sandbox-user", value = %m.cfg.sandbox_user, uid = sandbox_user.uid, gid = sandbox_user.gid, "--sandbox-user {:?} is uid {} gid {}: sessions would run as root (or root's group); use an unprivileged user, or set --allow-root-sessions to permit it", m.cfg.sandbox_user, sandbox_user.uid, sandbox_user.gid);
+        return exit::CONFIG;
+    }
     let owner = if privileged {
         Owner {
             uid: sandbox_user.uid,
@@ -178,7 +191,11 @@ pub async fn run(
     };
     let volume = match Volume::open(&volume_cfg) {
         // The workspace logs each guarantee it cannot give (workspace.guarantee_missing).
-        Ok((v, _caveats)) => Arc::new(v),
+        Ok((mut v, _caveats)) => {
+            // Recorded in the seed record, so a record written for another pod shows.
+            v.set_pod_uid(non_empty(&m.pod.uid).map(str::to_owned));
+            Arc::new(v)
+        }
         Err(e) => return m.refuse("layout", &e.to_string()),
     };
     let boot = match volume.boot_state(non_empty(&m.pod.uid)) {
@@ -210,7 +227,27 @@ pub async fn run(
         None => {
             m.transition(State::Seeding, "no seed record");
             let started = Instant::now();
-            match volume.seed(&seed_source(&m.cfg)).await {
+            // A SIGTERM while seeding (a slow or stalled seed) stops it: no tenant exists
+            // yet, so nothing is wiped; the half-built staging directory is discarded
+            // (or, if that is cut short, by the next boot) and we exit as released.
+            let mut stopped_by = None;
+            let signals = &mut m.signals;
+            let stop = async {
+                match signals.recv().await {
+                    Some(sig) => stopped_by = Some(sig.signal),
+                    // No signal thread: nothing can stop us this way.
+                    None => std::future::pending().await,
+                }
+            };
+            let seeded = volume.seed_until(&seed_source(&m.cfg), stop).await;
+            if let Some(sig) = stopped_by {
+                if let Err(e) = &seeded {
+                    tracing::info!(event = "seed.stopped", signal = sig, error = %e, "seeding stopped by a signal");
+                }
+                m.transition(State::Released, &format!("signal {sig} while seeding"));
+                return exit::RELEASED;
+            }
+            match seeded {
                 Ok(s) => {
                     m.telemetry
                         .metrics
@@ -552,6 +589,11 @@ fn seed_source(cfg: &RunConfig) -> SeedSource {
             url: url.clone(),
             sha256: cfg.seed_sha256.clone().unwrap_or_default(),
             ca_file: cfg.seed_ca.clone(),
+            timeouts: workspace::SeedTimeouts {
+                connect: cfg.seed_connect_timeout,
+                idle: cfg.seed_idle_timeout,
+                total: cfg.seed_timeout,
+            },
         }
     } else if let Some(a) = &cfg.seed_archive {
         SeedSource::Archive(a.clone())
@@ -614,7 +656,7 @@ pub async fn run_command(cfg: RunConfig, pid1: pid1::Pid1) -> i32 {
         );
     }
     if cfg.gateway.starts_with("http://") {
-        tracing::warn!(event = "relay.plaintext", gateway = %cfg.gateway, "gateway connection is NOT encrypted (--allow-plaintext)");
+        tracing::warn!(event = "relay.plaintext", gateway = %telemetry::redact_url(&cfg.gateway), "gateway connection is NOT encrypted (--allow-plaintext)");
     }
     if let Some(addr) = cfg.listen_probes.0 {
         let t = telemetry.clone();

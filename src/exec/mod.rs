@@ -16,4 +16,4 @@ pub use error::ExecError;
 pub use session::{Session, SessionInputError, StdinAccepted};
 pub use sessions::{ExecConfig, Sessions};
 pub use spawner::Spawner;
-pub use spec::{lookup_user, ExecPolicy, User};
+pub use spec::{lookup_user, try_lookup_user, ExecPolicy, User, MAX_PASSWD_BYTES};

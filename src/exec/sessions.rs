@@ -215,7 +215,18 @@ impl Sessions {
         spec: &proto::ExecSpec,
         io: Io,
     ) -> Result<Arc<Session>, ExecError> {
-        let resolved = spec::resolve(spec, &self.inner.cfg.policy)?;
+        // On the spawner thread: it checks paths with the session user's file-system
+        // identity for a moment, which must not be a runtime worker's.
+        let (req, policy) = (spec.clone(), self.inner.cfg.policy.clone());
+        let resolved = self
+            .inner
+            .spawner
+            .call(move || spec::resolve(&req, &policy))
+            .await
+            .ok_or_else(|| ExecError::Spawn {
+                program: spec.argv.first().cloned().unwrap_or_default(),
+                source: std::io::Error::other("the spawner thread is gone"),
+            })??;
         let is_tty = matches!(io, Io::Pty { .. });
         let n = self.inner.opened.fetch_add(1, Ordering::Relaxed);
         let marker = MARKER_BASE.checked_add(n + 1);

@@ -64,6 +64,21 @@ impl Spawner {
         Ok(Spawner { jobs, bound })
     }
 
+    /// Runs `f` on the spawner thread (work that changes the thread's credentials for
+    /// a moment, like the path checks as the session user) and returns what it gave.
+    pub async fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Option<T> {
+        let (tx, rx) = oneshot::channel();
+        self.jobs
+            .send(Box::new(move || {
+                let _ = tx.send(f());
+            }))
+            .ok()?;
+        rx.await.ok()
+    }
+
     /// Runs `start` on the spawner thread. Its child writes its pid to `pending`; past
     /// the bound that pid is SIGKILLed and the outcome is `TimedOut`.
     pub async fn run<T: Send + 'static>(

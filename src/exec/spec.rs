@@ -6,6 +6,9 @@ use std::ffi::OsString;
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use nix::errno::Errno;
 
 use super::ExecError;
 use crate::proto::ExecSpec;
@@ -23,9 +26,31 @@ pub struct User {
     pub shell: String,
 }
 
-/// Looks a user up by name or numeric uid in a passwd file.
+/// A passwd file larger than this is not one (even a big directory-synced one is far
+/// smaller).
+pub const MAX_PASSWD_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Looks a user up by name or numeric uid in a passwd file. An unusable passwd file
+/// (missing, not a regular file, too large) reads as empty: see [`try_lookup_user`].
 pub fn lookup_user(passwd: &Path, user: &str) -> Option<User> {
-    let text = std::fs::read_to_string(passwd).ok()?;
+    match try_lookup_user(passwd, user) {
+        Ok(found) => found,
+        Err(_) => user.parse().ok().map(bare_uid),
+    }
+}
+
+/// As [`lookup_user`], but a passwd file that exists and cannot be used is an error
+/// naming it (read through [`crate::envfile`], so a FIFO there cannot hang us). A
+/// missing file finds only bare uids.
+pub fn try_lookup_user(
+    passwd: &Path,
+    user: &str,
+) -> Result<Option<User>, crate::envfile::EnvFileError> {
+    let text = match crate::envfile::read_bounded(passwd, "passwd file", MAX_PASSWD_BYTES) {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+        Err(e) if e.is_missing() => String::new(),
+        Err(e) => return Err(e),
+    };
     let by_uid: Option<u32> = user.parse().ok();
     for line in text.lines() {
         let f: Vec<&str> = line.split(':').collect();
@@ -36,23 +61,35 @@ pub fn lookup_user(passwd: &Path, user: &str) -> Option<User> {
             continue;
         };
         if f[0] == user || by_uid == Some(uid) {
-            return Some(User {
+            return Ok(Some(User {
                 name: f[0].into(),
                 uid,
                 gid,
                 home: f[5].into(),
                 shell: f[6].into(),
-            });
+            }));
         }
     }
-    // A bare uid that has no passwd entry is still a valid identity to run as.
-    by_uid.map(|uid| User {
+    Ok(by_uid.map(bare_uid))
+}
+
+/// A bare uid that has no passwd entry is still a valid identity to run as.
+fn bare_uid(uid: u32) -> User {
+    User {
         name: uid.to_string(),
         uid,
         gid: uid,
         home: "/".into(),
         shell: "/bin/sh".into(),
-    })
+    }
+}
+
+impl User {
+    /// uid 0, or gid 0: root's group owns system files that are group-writable or
+    /// group-readable only for it, so a session in it is as good as root for them.
+    pub fn is_root(&self) -> bool {
+        self.uid == 0 || self.gid == 0
+    }
 }
 
 /// What the exec policy allows, fixed at boot.
@@ -94,7 +131,11 @@ pub fn resolve(spec: &ExecSpec, policy: &ExecPolicy) -> Result<Resolved, ExecErr
     }
 
     let user = resolve_user(&spec.user, policy)?;
-    let cwd = resolve_cwd(&spec.cwd, &policy.workspace)?;
+    let cwd = if spec.cwd.is_empty() {
+        policy.workspace.clone()
+    } else {
+        policy.workspace.join(&spec.cwd)
+    };
 
     // The clean base environment; the request's variables go on top.
     let mut env: Vec<(String, String)> = vec![
@@ -124,7 +165,29 @@ pub fn resolve(spec: &ExecSpec, policy: &ExecPolicy) -> Result<Resolved, ExecErr
         .find(|(k, _)| k == "PATH")
         .map(|(_, v)| v.clone())
         .unwrap_or_default();
-    let program = find_program(&spec.argv[0], &path_var, &cwd)?;
+    // The paths are checked with the session user's access, not root's: as root every
+    // path is visible, and "not a directory" for a root-only file, or "no execute
+    // permission" for a binary behind a root-only directory, would tell the tenant that
+    // it exists. As the user, such paths fail with EACCES like anything else they may
+    // not see; what is left is what the user could find out anyway.
+    let check = || -> Result<PathBuf, ExecError> {
+        check_cwd(&cwd)?;
+        find_program(&spec.argv[0], &path_var, &cwd)
+    };
+    let program = if policy.privileged && user.uid != 0 {
+        match as_user(&user, &check) {
+            Ok(checked) => checked?,
+            Err(errno) => {
+                // Better sessions with root's view of the paths than no sessions.
+                if !USER_VIEW_WARNED.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(event = "exec.user_view_unavailable", error = %errno, "cannot take the session user's file-system identity on a thread; working directories and programs are checked as root (a tenant may tell whether root-only paths exist)");
+                }
+                check()?
+            }
+        }
+    } else {
+        check()?
+    };
 
     Ok(Resolved {
         program,
@@ -154,7 +217,7 @@ fn resolve_user(requested: &str, policy: &ExecPolicy) -> Result<User, ExecError>
     let user = lookup_user(&policy.passwd, requested).ok_or_else(|| ExecError::UnknownUser {
         user: requested.into(),
     })?;
-    if user.uid == 0 && !policy.allow_root {
+    if user.is_root() && !policy.allow_root {
         return Err(ExecError::RootNotAllowed {
             user: requested.into(),
         });
@@ -162,14 +225,9 @@ fn resolve_user(requested: &str, policy: &ExecPolicy) -> Result<User, ExecError>
     Ok(user)
 }
 
-fn resolve_cwd(requested: &str, workspace: &Path) -> Result<PathBuf, ExecError> {
-    let cwd = if requested.is_empty() {
-        workspace.to_path_buf()
-    } else {
-        workspace.join(requested)
-    };
-    match std::fs::metadata(&cwd) {
-        Ok(m) if m.is_dir() => Ok(cwd),
+fn check_cwd(cwd: &Path) -> Result<(), ExecError> {
+    match std::fs::metadata(cwd) {
+        Ok(m) if m.is_dir() => Ok(()),
         Ok(_) => Err(ExecError::BadCwd {
             cwd: cwd.display().to_string(),
             why: "is not a directory".into(),
@@ -180,6 +238,69 @@ fn resolve_cwd(requested: &str, workspace: &Path) -> Result<PathBuf, ExecError> 
         }),
     }
 }
+
+/// Runs `f` on this thread with `user`'s file-system identity: fsuid and fsgid set to
+/// theirs, no supplementary groups (the child gets only its marker group, which owns no
+/// files), then puts root's back. Changing the fsuid from 0 clears CAP_DAC_OVERRIDE and
+/// the other file capabilities from the thread's effective set, so `stat` and `access`
+/// answer as they will for the session. Credentials are per thread in the kernel; raw
+/// syscalls keep glibc from applying the change to every thread. Sessions call this on
+/// the spawner thread (`Sessions::open`), so no thread is made for it.
+/// `Err(errno)`: the kernel (a sandboxing runtime, a seccomp filter) refused the
+/// identity change, and `f` did not run.
+fn as_user<T>(
+    user: &User,
+    f: &dyn Fn() -> Result<T, ExecError>,
+) -> Result<Result<T, ExecError>, Errno> {
+    let (uid, gid) = (user.uid, user.gid);
+    let saved = nix::unistd::getgroups().unwrap_or_default();
+    let restore = || {
+        // SAFETY: raw per-thread credential syscalls back to root's, with the group
+        // list read above (pointer and length of a live Vec).
+        let ok = unsafe {
+            libc::syscall(libc::SYS_setfsuid, 0u32);
+            libc::syscall(libc::SYS_setfsgid, 0u32);
+            libc::syscall(
+                libc::SYS_setgroups,
+                saved.len(),
+                saved.as_ptr().cast::<libc::gid_t>(),
+            ) == 0
+                && libc::syscall(libc::SYS_setfsuid, 0u32) == 0
+        };
+        if !ok {
+            // This thread would go on starting sessions with the tenant's view of
+            // the files, or root's groups lost: never carry on like that.
+            eprintln!("sandbox-supervisor: cannot restore root's file-system identity after a path check; aborting");
+            std::process::abort();
+        }
+    };
+    // SAFETY: raw setgroups/setfsgid/setfsuid change only this thread's credentials;
+    // the group list passed is empty (null, length 0).
+    let switched = unsafe {
+        if libc::syscall(libc::SYS_setgroups, 0usize, std::ptr::null::<libc::gid_t>()) != 0 {
+            Err(Errno::last())
+        } else {
+            // Each returns the previous id: the second call reads back the new one.
+            libc::syscall(libc::SYS_setfsgid, gid);
+            if libc::syscall(libc::SYS_setfsgid, gid) as u32 != gid {
+                Err(Errno::EPERM)
+            } else {
+                libc::syscall(libc::SYS_setfsuid, uid);
+                if libc::syscall(libc::SYS_setfsuid, uid) as u32 != uid {
+                    Err(Errno::EPERM)
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    };
+    let result = switched.map(|()| f());
+    restore();
+    result
+}
+
+/// Logged once: the user-view check is not available here, paths are checked as root.
+static USER_VIEW_WARNED: AtomicBool = AtomicBool::new(false);
 
 /// Resolves argv[0] the way a shell would, but with errors that say what was searched.
 fn find_program(name: &str, path_var: &str, cwd: &Path) -> Result<PathBuf, ExecError> {
@@ -302,6 +423,59 @@ mod tests {
             resolve(&s, &p),
             Err(ExecError::UnknownUser { .. })
         ));
+    }
+
+    #[test]
+    fn paths_are_checked_with_the_session_users_access() {
+        use std::os::unix::fs::PermissionsExt;
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root to check paths as another user");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let private = dir.path().join("private");
+        std::fs::create_dir_all(private.join("sub")).unwrap();
+        std::fs::write(private.join("tool"), "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(private.join("tool"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let mut p = policy(dir.path());
+        p.default_user.uid = 65534;
+        p.default_user.gid = 65534;
+        let message = |argv: &str, cwd: &str| {
+            let mut s = spec(&[argv]);
+            s.cwd = cwd.into();
+            resolve(&s, &p).unwrap_err().to_string()
+        };
+        let at = |name: &str| private.join(name).display().to_string();
+        // Root would see `sub` (a directory) and `tool` (executable); the user sees
+        // neither, and cannot tell them from what does not exist.
+        let (sub, none) = (
+            message("/bin/true", &at("sub")),
+            message("/bin/true", &at("none")),
+        );
+        assert_eq!(sub.replace("sub", "X"), none.replace("none", "X"));
+        assert!(sub.contains("Permission denied"), "{sub}");
+        let (tool, nope) = (message(&at("tool"), ""), message(&at("nope"), ""));
+        assert_eq!(tool.replace("tool", "X"), nope.replace("nope", "X"));
+        // Root's own view is unchanged, and the user still finds what they may see.
+        p.default_user.uid = 0;
+        p.default_user.gid = 0;
+        p.allow_root = true;
+        let mut s = spec(&["/bin/true"]);
+        s.cwd = at("sub");
+        assert!(resolve(&s, &p).is_ok());
+        p.default_user.uid = 65534;
+        p.default_user.gid = 65534;
+        let started = std::time::Instant::now();
+        for _ in 0..200 {
+            resolve(&spec(&["true"]), &p).unwrap();
+        }
+        eprintln!(
+            "resolve as another user: {:?} each",
+            started.elapsed() / 200
+        );
     }
 
     #[test]

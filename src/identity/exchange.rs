@@ -102,7 +102,8 @@ impl Exchange {
         }
         // The hint is the claim's own record of who adopted us. If it already names a
         // different claim, two claims answered: fail closed rather than pick one.
-        if let Some(hint) = read_hint(&self.hint_path, &self.hint_key) {
+        // An unusable annotations file was logged by the poll; it is no hint, as when absent.
+        if let Ok(Some(hint)) = read_hint(&self.hint_path, &self.hint_key) {
             if hint != a.claim_uid {
                 return ClaimOutcome::Conflict(format!(
                     "conflicting claims: activation for '{}', annotation names '{hint}'",
@@ -220,8 +221,25 @@ impl Exchange {
     async fn pull_on_hint(&self, resume: Option<proto::BindingRecord>) -> ClaimOutcome {
         // The annotation may run ahead of the gateway for a while: poll at most every 2 s.
         let mut backoff = Backoff::with_cap(Duration::from_secs(2));
+        // The last problem logged, so a broken file is reported once per change.
+        let mut logged: Option<String> = None;
         loop {
-            let Some(hint) = read_hint(&self.hint_path, &self.hint_key) else {
+            let hint = match read_hint(&self.hint_path, &self.hint_key) {
+                Ok(hint) => {
+                    logged = None;
+                    hint
+                }
+                Err(e) => {
+                    let why = e.to_string();
+                    if logged.as_deref() != Some(why.as_str()) {
+                        // The hint is optional: the gateway's push still activates us.
+                        tracing::error!(event = "identity.hint_unusable", path = %self.hint_path.display(), error = %why, "the claim hint cannot be read; waiting for the gateway's push only: {why}");
+                        logged = Some(why);
+                    }
+                    None
+                }
+            };
+            let Some(hint) = hint else {
                 tokio::time::sleep(HINT_POLL).await;
                 continue;
             };

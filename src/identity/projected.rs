@@ -1,11 +1,13 @@
 //! The projected ServiceAccount token, re-read from its path on every use.
 //!
 //! The kubelet rotates the token by swapping the `..data` symlink of the volume, so the
-//! leaf is a symlink: it is followed (no `O_NOFOLLOW`). The file is bounded in size,
-//! trimmed, and never cached past the call that needs it.
+//! leaf is a symlink: it is followed (no `O_NOFOLLOW`). The file is read through
+//! [`crate::envfile`] (non-blocking open, regular files only, bounded in size), trimmed,
+//! and never cached past the call that needs it.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
+
+use crate::envfile::{self, EnvFileError};
 
 use super::SecretToken;
 
@@ -28,12 +30,9 @@ pub enum ProjectedTokenError {
     },
     #[error("projected token {path} is not a JWT with an 'aud' claim; is --token-path pointing at a serviceAccountToken projection? (retrying)")]
     NotAJwt { path: String },
-    #[error("projected token {path} cannot be read: {source}")]
-    Unreadable {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    /// Not a regular file, or unreadable (the message names the path and what is wrong).
+    #[error("{0} (retrying)")]
+    Unusable(#[source] EnvFileError),
 }
 
 /// Where the projected token lives, and the audience it must carry (when configured).
@@ -78,23 +77,14 @@ impl ProjectedToken {
 
     fn read_once(&self) -> Result<SecretToken, ProjectedTokenError> {
         let path = self.path.display().to_string();
-        let file = match std::fs::File::open(&self.path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(ProjectedTokenError::Missing { path })
+        let raw = match envfile::read_text(&self.path, "projected token", MAX_TOKEN_BYTES) {
+            Ok(raw) => raw,
+            Err(EnvFileError::Missing { .. }) => return Err(ProjectedTokenError::Missing { path }),
+            Err(EnvFileError::TooLarge { .. }) => {
+                return Err(ProjectedTokenError::TooLarge { path })
             }
-            Err(source) => return Err(ProjectedTokenError::Unreadable { path, source }),
+            Err(e) => return Err(ProjectedTokenError::Unusable(e)),
         };
-        let mut raw = String::new();
-        file.take(MAX_TOKEN_BYTES + 1)
-            .read_to_string(&mut raw)
-            .map_err(|source| ProjectedTokenError::Unreadable {
-                path: path.clone(),
-                source,
-            })?;
-        if raw.len() as u64 > MAX_TOKEN_BYTES {
-            return Err(ProjectedTokenError::TooLarge { path });
-        }
         let token = SecretToken::new(raw);
         if token.is_empty() {
             return Err(ProjectedTokenError::Empty { path });
@@ -168,6 +158,10 @@ mod tests {
         let err = ProjectedToken::new(&p).read().unwrap_err();
         assert!(matches!(err, ProjectedTokenError::TooLarge { .. }));
         assert!(!err.to_string().contains("aaaa"));
+        std::fs::remove_file(&p).unwrap();
+        nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let err = ProjectedToken::new(&p).read().unwrap_err().to_string();
+        assert!(err.contains("FIFO") && err.contains("token"), "{err}");
     }
 
     #[test]

@@ -95,17 +95,11 @@ fn parse_bundle(pem: &[u8]) -> Result<usize, String> {
     Ok(count)
 }
 
-fn read_bounded(path: &Path) -> Result<Vec<u8>, String> {
-    use std::io::Read;
-    let f = std::fs::File::open(path).map_err(|e| format!("cannot be read ({e})"))?;
-    let mut buf = Vec::new();
-    f.take(MAX_BUNDLE_BYTES + 1)
-        .read_to_end(&mut buf)
-        .map_err(|e| format!("cannot be read ({e})"))?;
-    if buf.len() as u64 > MAX_BUNDLE_BYTES {
-        return Err(format!("is larger than {MAX_BUNDLE_BYTES} bytes"));
-    }
-    Ok(buf)
+/// Reads a PEM file through [`crate::envfile`]: a FIFO or device is refused at once
+/// instead of hanging the boot or a reconnect. Errors are the problem alone (callers
+/// name the file).
+fn read_bounded(path: &Path, what: &'static str) -> Result<Vec<u8>, String> {
+    crate::envfile::read_bounded(path, what, MAX_BUNDLE_BYTES).map_err(|e| e.problem())
 }
 
 /// Checks a client certificate chain and key as PEM, so a wrong file fails at boot.
@@ -114,8 +108,8 @@ fn read_client_identity(cert: &Path, key: &Path) -> Result<Identity, ChannelErro
         path: p.display().to_string(),
         why,
     };
-    let cert_pem = read_bounded(cert).map_err(|w| bad(cert, w))?;
-    let key_pem = read_bounded(key).map_err(|w| bad(key, w))?;
+    let cert_pem = read_bounded(cert, "client certificate").map_err(|w| bad(cert, w))?;
+    let key_pem = read_bounded(key, "client key").map_err(|w| bad(key, w))?;
     let certs = rustls_pemfile::certs(&mut &cert_pem[..])
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| bad(cert, format!("is not valid PEM ({e})")))?;
@@ -159,7 +153,7 @@ impl GatewayEndpoint {
     /// bundle was ever loaded.
     fn current_bundle(&self, path: &Path) -> Result<Vec<u8>, ChannelError> {
         let mut trust = self.trust.lock().unwrap_or_else(|p| p.into_inner());
-        let read = read_bounded(path);
+        let read = read_bounded(path, "gateway CA bundle");
         let digest: [u8; 32] = match &read {
             Ok(pem) => Sha256::digest(pem).into(),
             Err(why) => Sha256::digest(why.as_bytes()).into(),
@@ -199,7 +193,7 @@ impl GatewayEndpoint {
 
     fn endpoint(&self) -> Result<Endpoint, ChannelError> {
         let bad = |why: String| ChannelError::Endpoint {
-            url: self.url.clone(),
+            url: crate::telemetry::redact_url(&self.url),
             why,
         };
         let mut ep = Endpoint::from_shared(self.url.clone())
@@ -217,7 +211,7 @@ impl GatewayEndpoint {
             let ca_path = self
                 .ca
                 .as_ref()
-                .ok_or_else(|| ChannelError::NoCa(self.url.clone()))?;
+                .ok_or_else(|| ChannelError::NoCa(crate::telemetry::redact_url(&self.url)))?;
             // `ca_certificate` alone: tonic adds no web PKI roots unless asked to.
             let mut tls = ClientTlsConfig::new()
                 .ca_certificate(Certificate::from_pem(self.current_bundle(ca_path)?));
@@ -383,9 +377,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("missing.pem") && err.contains("cannot be read"),
+            err.contains("missing.pem") && err.contains("does not exist"),
             "{err}"
         );
+        let fifo = dir.path().join("fifo.pem");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let err = endpoint(&fifo).check().unwrap_err().to_string();
+        assert!(err.contains("fifo.pem") && err.contains("FIFO"), "{err}");
     }
 
     #[test]

@@ -3,9 +3,11 @@
 
 pub mod logs;
 mod metrics;
+mod redact;
 mod server;
 
 pub use metrics::{Metrics, SessionOutcome};
+pub use redact::redact_url;
 pub use server::{probe, serve};
 
 use std::sync::atomic::{AtomicBool, Ordering};

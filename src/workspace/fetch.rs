@@ -11,6 +11,37 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::SeedTimeouts;
+
+/// A CA bundle larger than this is not a CA bundle.
+const MAX_CA_BYTES: u64 = 1024 * 1024;
+
+/// A duration as the options spell it (`30s`, `1.5s`, `500ms`).
+fn show(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+/// A reqwest error without the URL it carries (which may hold credentials or a signed
+/// query), with its causes: reqwest alone says only "error sending request".
+fn describe(e: reqwest::Error) -> String {
+    let e = e.without_url();
+    let mut out = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = cause.source();
+    }
+    out
+}
+
 /// Parses `sha256:<hex>` or `<hex>` (64 hex digits, any case) into lowercase hex.
 pub(crate) fn parse_sha256(s: &str) -> Result<String, SeedError> {
     let hexpart = s
@@ -69,12 +100,8 @@ fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, SeedError>
     let mut roots = rustls::RootCertStore::empty();
     match ca_file {
         Some(path) => {
-            let pem = std::fs::read(path).map_err(|e| {
-                SeedError::Config(format!(
-                    "cannot read the seed CA file {}: {e}",
-                    path.display()
-                ))
-            })?;
+            let pem = crate::envfile::read_bounded(path, "seed CA file", MAX_CA_BYTES)
+                .map_err(|e| SeedError::Config(e.to_string()))?;
             let mut added = 0;
             for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
                 let cert = cert.map_err(|e| {
@@ -110,20 +137,64 @@ fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, SeedError>
 }
 
 /// Downloads `url` into `dest`, hashing as it goes; fails unless the SHA-256 matches.
-/// Returns `sha256:<hex>` of the bytes.
+/// Returns `sha256:<hex>` of the bytes. Bounded by `timeouts`: connect, the wait for
+/// each next bytes (idle), and the whole download (total); each error names the option.
 pub(crate) async fn download(
     url: &str,
     expected_sha256: &str,
     ca_file: Option<&Path>,
+    timeouts: SeedTimeouts,
     dest: std::fs::File,
 ) -> Result<String, SeedError> {
-    use tokio::io::AsyncWriteExt;
     let expected = parse_sha256(expected_sha256)?;
     let url = check_url(url)?;
     let shown = redact(&url);
+    let total = tokio::time::timeout(
+        timeouts.total,
+        fetch(&url, &shown, &expected, ca_file, timeouts, dest),
+    );
+    match total.await {
+        Ok(r) => r,
+        Err(_) => Err(SeedError::Download {
+            url: shown,
+            problem: format!(
+                "did not finish within the --seed-timeout of {}",
+                show(timeouts.total)
+            ),
+        }),
+    }
+}
+
+async fn fetch(
+    url: &reqwest::Url,
+    shown: &str,
+    expected: &str,
+    ca_file: Option<&Path>,
+    timeouts: SeedTimeouts,
+    dest: std::fs::File,
+) -> Result<String, SeedError> {
+    use tokio::io::AsyncWriteExt;
     let err = |problem: String| SeedError::Download {
-        url: shown.clone(),
+        url: shown.to_owned(),
         problem,
+    };
+    let idle = || {
+        format!(
+            "no data for the --seed-idle-timeout of {}",
+            show(timeouts.idle)
+        )
+    };
+    let failed = |what: &str, e: reqwest::Error| {
+        if e.is_connect() && e.is_timeout() {
+            format!(
+                "{what}: cannot connect within the --seed-connect-timeout of {}",
+                show(timeouts.connect)
+            )
+        } else if e.is_timeout() {
+            format!("{what}: {}", idle())
+        } else {
+            format!("{what}: {}", describe(e))
+        }
     };
     // Redirects may not downgrade to plain http (except loopback, as above).
     let policy = reqwest::redirect::Policy::custom(|attempt| {
@@ -138,26 +209,39 @@ pub(crate) async fn download(
     let client = reqwest::Client::builder()
         .use_preconfigured_tls(tls_config(ca_file)?)
         .redirect(policy)
-        .connect_timeout(Duration::from_secs(30))
-        .read_timeout(Duration::from_secs(120))
+        .connect_timeout(timeouts.connect)
+        .read_timeout(timeouts.idle)
         .build()
-        .map_err(|e| err(format!("cannot build the HTTP client: {e}")))?;
-    let mut resp = client
-        .get(url.clone())
-        .send()
-        .await
-        .map_err(|e| err(format!("request failed: {e}")))?;
+        .map_err(|e| err(format!("cannot build the HTTP client: {}", describe(e))))?;
+    // The answer's headers are bounded by the idle timeout too: read_timeout covers
+    // body reads, not the wait for the response to begin.
+    let resp = tokio::time::timeout(timeouts.idle, client.get(url.clone()).send()).await;
+    let mut resp = match resp {
+        Err(_) => return Err(err(format!("no answer: {}", idle()))),
+        Ok(r) => r.map_err(|e| err(failed("request failed", e)))?,
+    };
     if !resp.status().is_success() {
         return Err(err(format!("server answered {}", resp.status())));
     }
     let mut file = tokio::fs::File::from_std(dest);
     let mut hasher = Sha256::new();
     let mut bytes = 0u64;
-    while let Some(chunk) = resp
-        .chunk()
-        .await
-        .map_err(|e| err(format!("download interrupted after {bytes} bytes: {e}")))?
-    {
+    loop {
+        let chunk = match tokio::time::timeout(timeouts.idle, resp.chunk()).await {
+            Err(_) => {
+                return Err(err(format!(
+                    "download stalled after {bytes} bytes: {}",
+                    idle()
+                )))
+            }
+            Ok(c) => c.map_err(|e| {
+                err(failed(
+                    &format!("download interrupted after {bytes} bytes"),
+                    e,
+                ))
+            })?,
+        };
+        let Some(chunk) = chunk else { break };
         hasher.update(&chunk);
         bytes += chunk.len() as u64;
         file.write_all(&chunk)
@@ -170,7 +254,7 @@ pub(crate) async fn download(
     let actual = hex::encode(hasher.finalize());
     if actual != expected {
         return Err(SeedError::Digest {
-            url: shown,
+            url: shown.to_owned(),
             expected: format!("sha256:{expected}"),
             actual: format!("sha256:{actual}"),
         });

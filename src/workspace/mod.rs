@@ -12,6 +12,7 @@
 
 mod archive;
 mod boot;
+mod copydir;
 mod fetch;
 mod flags;
 mod fsutil;
@@ -69,9 +70,31 @@ pub enum SeedSource {
         url: String,
         sha256: String,
         ca_file: Option<PathBuf>,
+        timeouts: SeedTimeouts,
     },
     /// Nothing: the workspace starts empty (a seed record is still written).
     None,
+}
+
+/// Bounds of a seed download, so a stalled or slow server cannot hold boot forever.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeedTimeouts {
+    /// TCP connect (and TLS handshake) to the server.
+    pub connect: std::time::Duration,
+    /// Longest wait for the next bytes of the answer (headers or body).
+    pub idle: std::time::Duration,
+    /// The whole download, from the request to the last byte.
+    pub total: std::time::Duration,
+}
+
+impl Default for SeedTimeouts {
+    fn default() -> Self {
+        SeedTimeouts {
+            connect: std::time::Duration::from_secs(10),
+            idle: std::time::Duration::from_secs(30),
+            total: std::time::Duration::from_secs(600),
+        }
+    }
 }
 
 impl SeedSource {
@@ -179,6 +202,10 @@ pub enum SeedError {
     Cleanup(String),
     #[error("seeding: the blocking task failed: {0}")]
     Task(String),
+    #[error(
+        "seeding was stopped before it finished (the half-built staging directory is discarded)"
+    )]
+    Cancelled,
     #[error(transparent)]
     Refused(#[from] Refusal),
     #[error(transparent)]
@@ -319,7 +346,25 @@ impl Volume {
 
     /// Seeds the workspace once (see `seed.rs`). Skips and returns the record if seeded.
     pub async fn seed(&self, source: &SeedSource) -> Result<SeedRecord, SeedError> {
-        seed::seed(self.inner.clone(), source.clone(), self.pod_uid.clone()).await
+        self.seed_until(source, std::future::pending()).await
+    }
+
+    /// As [`Volume::seed`], stopped when `stop` completes first (a SIGTERM): the download
+    /// is dropped, the copy stops at its next chunk, the staging directory is discarded
+    /// and the result is [`SeedError::Cancelled`]. A seed that committed meanwhile is
+    /// returned as done.
+    pub async fn seed_until(
+        &self,
+        source: &SeedSource,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<SeedRecord, SeedError> {
+        seed::seed(
+            self.inner.clone(),
+            source.clone(),
+            self.pod_uid.clone(),
+            stop,
+        )
+        .await
     }
 
     /// Writes `binding.json` durably. Refuses when a tombstone exists, when another claim

@@ -19,10 +19,8 @@ use nix::sys::stat::Mode;
 use nix::unistd::{unlinkat, UnlinkatFlags};
 use std::ffi::{CStr, CString};
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -60,6 +58,31 @@ pub(crate) async fn seed(
     inner: Arc<Inner>,
     source: SeedSource,
     pod_uid: Option<String>,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<SeedRecord, SeedError> {
+    // The blocking copy polls `cancel` between chunks; the async download watches `rx`.
+    let cancel = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let work = seed_cancellable(inner, source, pod_uid, cancel.clone(), rx);
+    tokio::pin!(work, stop);
+    tokio::select! {
+        result = &mut work => result,
+        () = &mut stop => {
+            cancel.store(true, Ordering::Relaxed);
+            let _ = tx.send(true);
+            // Not dropped: the blocking part must have stopped writing into staging
+            // before the staging directory is discarded, which `work` does itself.
+            work.await
+        }
+    }
+}
+
+async fn seed_cancellable(
+    inner: Arc<Inner>,
+    source: SeedSource,
+    pod_uid: Option<String>,
+    cancel: Arc<AtomicBool>,
+    mut cancel_rx: tokio::sync::watch::Receiver<bool>,
 ) -> Result<SeedRecord, SeedError> {
     let started = Instant::now();
     let prep = {
@@ -75,25 +98,46 @@ pub(crate) async fn seed(
     };
     tracing::info!(event = "seed.started", source = %source.describe(), "seeding the workspace");
     let result = async {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(SeedError::Cancelled);
+        }
         let mut source_sha = None;
         if let SeedSource::Url {
             url,
             sha256,
             ca_file,
+            timeouts,
         } = &source
         {
             let file = create_download(&staging, &inner)?;
-            source_sha = Some(fetch_download(url, sha256, ca_file.as_deref(), file).await?);
+            let download = fetch_download(url, sha256, ca_file.as_deref(), *timeouts, file);
+            source_sha = Some(tokio::select! {
+                r = download => r?,
+                _ = cancel_rx.wait_for(|c| *c) => return Err(SeedError::Cancelled),
+            });
         }
         let (inner2, staging2, source2) = (inner.clone(), staging.clone(), source.clone());
+        let cancel2 = cancel.clone();
         blocking(move || {
-            inner2.populate_and_commit(&staging2, &source2, source_sha, pod_uid, started)
+            inner2.populate_and_commit(&staging2, &source2, source_sha, pod_uid, started, &cancel2)
         })
         .await
     }
     .await;
+    // Whatever failed once the stop came (a read cut short, a chunk refused) was the stop.
+    let result = match result {
+        Err(_) if cancel.load(Ordering::Relaxed) => Err(SeedError::Cancelled),
+        other => other,
+    };
     if let Err(e) = &result {
-        tracing::warn!(event = "seed.failed", error = %e, "seed failed; discarding the staging directory");
+        if matches!(e, SeedError::Cancelled) {
+            tracing::info!(
+                event = "seed.cancelled",
+                "seeding stopped; discarding the staging directory"
+            );
+        } else {
+            tracing::warn!(event = "seed.failed", error = %e, "seed failed; discarding the staging directory");
+        }
         let (inner, staging) = (inner.clone(), staging.clone());
         let cleaned = blocking(move || {
             inner
@@ -112,9 +156,26 @@ async fn fetch_download(
     url: &str,
     sha256: &str,
     ca_file: Option<&Path>,
+    timeouts: super::SeedTimeouts,
     file: std::fs::File,
 ) -> Result<String, SeedError> {
-    super::fetch::download(url, sha256, ca_file, file).await
+    super::fetch::download(url, sha256, ca_file, timeouts, file).await
+}
+
+/// A reader that fails once seeding is stopped, so the decompressors and the tar parser
+/// stop at their next read.
+struct Cancellable<'a, R> {
+    inner: R,
+    cancel: &'a AtomicBool,
+}
+
+impl<R: std::io::Read> std::io::Read for Cancellable<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.cancel.load(Ordering::Relaxed) {
+            return Err(std::io::Error::from_raw_os_error(libc::ECANCELED));
+        }
+        self.inner.read(buf)
+    }
 }
 
 fn create_download(staging: &Staging, inner: &Inner) -> Result<std::fs::File, SeedError> {
@@ -128,7 +189,7 @@ fn create_download(staging: &Staging, inner: &Inner) -> Result<std::fs::File, Se
     Ok(std::fs::File::from(fd))
 }
 
-fn stage_err(e: StageError) -> SeedError {
+pub(super) fn stage_err(e: StageError) -> SeedError {
     match e {
         StageError::Entry { entry, problem } => SeedError::Entry { entry, problem },
         StageError::Io { entry, op, errno } => SeedError::Entry {
@@ -227,6 +288,7 @@ impl Inner {
         download_sha: Option<String>,
         pod_uid: Option<String>,
         started: Instant,
+        cancel: &AtomicBool,
     ) -> Result<SeedRecord, SeedError> {
         let chown = self.privileged.then_some((self.owner.uid, self.owner.gid));
         let tree = fsutil::dup(staging.tree.as_fd()).map_err(|e| io("dup", &self.sup_s, e))?;
@@ -235,12 +297,19 @@ impl Inner {
         let mut source_sha = download_sha;
         match source {
             SeedSource::None => {}
-            SeedSource::Directory(dir) => copy_directory(dir, &mut stager)?,
+            SeedSource::Directory(dir) => super::copydir::copy_directory(dir, &mut stager, cancel)?,
             SeedSource::Archive(path) => {
-                let file = std::fs::File::open(path).map_err(|e| SeedError::Source {
-                    source_desc: desc.clone(),
-                    problem: format!("cannot be opened: {e}"),
+                // Not opened blindly: a FIFO would block here, /dev/zero never end.
+                let file = crate::envfile::open_regular(path, "seed archive").map_err(|e| {
+                    SeedError::Source {
+                        source_desc: desc.clone(),
+                        problem: e.problem(),
+                    }
                 })?;
+                let file = Cancellable {
+                    inner: file,
+                    cancel,
+                };
                 source_sha = Some(extract(file, &mut stager, &desc)?);
             }
             SeedSource::Url { .. } => {
@@ -251,7 +320,11 @@ impl Inner {
                     Mode::empty(),
                 )
                 .map_err(|e| io("open download in", &self.sup_s, e))?;
-                extract(std::fs::File::from(fd), &mut stager, &desc)?;
+                let file = Cancellable {
+                    inner: std::fs::File::from(fd),
+                    cancel,
+                };
+                extract(file, &mut stager, &desc)?;
                 unlinkat(
                     staging.dir.as_fd(),
                     DOWNLOAD_NAME,
@@ -261,6 +334,10 @@ impl Inner {
             }
         }
         let summary: StageSummary = stager.finish().map_err(stage_err)?;
+        // The last point to stop: after the rename the seed is committed.
+        if cancel.load(Ordering::Relaxed) {
+            return Err(SeedError::Cancelled);
+        }
         self.commit(staging, summary, desc, source_sha, pod_uid, started)
     }
 
@@ -331,7 +408,7 @@ impl Inner {
     }
 }
 
-fn extract(file: std::fs::File, stager: &mut Stager, desc: &str) -> Result<String, SeedError> {
+fn extract(file: impl std::io::Read, stager: &mut Stager, desc: &str) -> Result<String, SeedError> {
     archive::extract(file, stager).map_err(|e| match e {
         ArchiveError::Format(problem) => SeedError::Archive {
             source_desc: desc.to_owned(),
@@ -339,200 +416,4 @@ fn extract(file: std::fs::File, stager: &mut Stager, desc: &str) -> Result<Strin
         },
         ArchiveError::Stage(s) => stage_err(s),
     })
-}
-
-/// One copied file: job index, content hash, size.
-type Copied = (usize, [u8; 32], u64);
-
-struct FileJob {
-    src: PathBuf,
-    rel: Vec<u8>,
-    mode: u32,
-    mtime: (i64, i64),
-}
-
-/// Copies a directory tree (baked into the image, so trusted to hold no tricks, but still
-/// checked: only files, directories and symlinks). Directories and links are created in
-/// one pass; file contents are copied and hashed on several threads; hardlinks last.
-fn copy_directory(src_root: &Path, stager: &mut Stager) -> Result<(), SeedError> {
-    let desc = format!("directory:{}", src_root.display());
-    let root_meta = std::fs::metadata(src_root).map_err(|e| SeedError::Source {
-        source_desc: desc.clone(),
-        problem: format!("cannot be read: {e}"),
-    })?;
-    if !root_meta.is_dir() {
-        return Err(SeedError::Source {
-            source_desc: desc,
-            problem: "is not a directory".to_owned(),
-        });
-    }
-    let mut jobs: Vec<FileJob> = Vec::new();
-    let mut links: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
-    let mut first_link: std::collections::HashMap<(u64, u64), Vec<u8>> = Default::default();
-    let mut stack: Vec<(PathBuf, Vec<u8>)> = vec![(src_root.to_path_buf(), Vec::new())];
-    let src_err = |path: &Path, e: std::io::Error| SeedError::Source {
-        source_desc: desc.clone(),
-        problem: format!("{}: {e}", path.display()),
-    };
-    while let Some((dir, rel)) = stack.pop() {
-        let mut entries: Vec<_> = std::fs::read_dir(&dir)
-            .map_err(|e| src_err(&dir, e))?
-            .collect::<Result<_, _>>()
-            .map_err(|e| src_err(&dir, e))?;
-        entries.sort_by_key(|e| e.file_name());
-        for entry in entries {
-            let path = entry.path();
-            let meta = std::fs::symlink_metadata(&path).map_err(|e| src_err(&path, e))?;
-            let mut child_rel = rel.clone();
-            if !child_rel.is_empty() {
-                child_rel.push(b'/');
-            }
-            child_rel.extend_from_slice(entry.file_name().as_bytes());
-            let mtime = Some((meta.mtime(), meta.mtime_nsec()));
-            let ft = meta.file_type();
-            if ft.is_dir() {
-                stager
-                    .add_dir(&child_rel, meta.mode(), mtime)
-                    .map_err(stage_err)?;
-                stack.push((path, child_rel));
-            } else if ft.is_symlink() {
-                let target = std::fs::read_link(&path).map_err(|e| src_err(&path, e))?;
-                stager
-                    .add_symlink(&child_rel, target.as_os_str().as_bytes(), mtime)
-                    .map_err(stage_err)?;
-            } else if ft.is_file() {
-                if meta.nlink() > 1 {
-                    if let Some(first) = first_link.get(&(meta.dev(), meta.ino())) {
-                        links.push((child_rel, first.clone()));
-                        continue;
-                    }
-                    first_link.insert((meta.dev(), meta.ino()), child_rel.clone());
-                }
-                stager.reserve_file(&child_rel).map_err(stage_err)?;
-                jobs.push(FileJob {
-                    src: path,
-                    rel: child_rel,
-                    mode: meta.mode(),
-                    mtime: (meta.mtime(), meta.mtime_nsec()),
-                });
-            } else {
-                return Err(SeedError::Entry {
-                    entry: fsutil::escape_bytes(&child_rel),
-                    problem: "is a device node, FIFO or socket; seeds may only hold files, directories and links".to_owned(),
-                });
-            }
-        }
-    }
-    let results = copy_files(stager, &jobs)?;
-    for (job, (hash, size)) in jobs.iter().zip(results) {
-        stager.record_file(&job.rel, job.mode, hash, size);
-    }
-    for (rel, target) in links {
-        stager.add_hardlink(&rel, &target).map_err(stage_err)?;
-    }
-    Ok(())
-}
-
-/// Copies and hashes the files on up to 4 threads. Each thread creates its files with
-/// `O_EXCL|O_NOFOLLOW` by path below the staging tree: every directory on those paths
-/// was created by this seed inside the root-only `.supervisor/`, so nothing can redirect it.
-fn copy_files(stager: &Stager, jobs: &[FileJob]) -> Result<Vec<([u8; 32], u64)>, SeedError> {
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .clamp(1, 4)
-        .min(jobs.len().max(1));
-    let next = AtomicUsize::new(0);
-    let failed = AtomicBool::new(false);
-    let tree = stager.tree();
-    let chown = stager.chown();
-    let reflink = &stager.reflink;
-    let mut results: Vec<Option<([u8; 32], u64)>> = vec![None; jobs.len()];
-    let outcome: Result<Vec<Vec<Copied>>, SeedError> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads)
-            .map(|_| {
-                s.spawn(|| -> Result<Vec<Copied>, SeedError> {
-                    let mut buf = vec![0u8; 1 << 20];
-                    let mut done = Vec::new();
-                    loop {
-                        if failed.load(Ordering::Relaxed) {
-                            return Ok(done);
-                        }
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(job) = jobs.get(i) else {
-                            return Ok(done);
-                        };
-                        match copy_one(tree, job, chown, reflink, &mut buf) {
-                            Ok((hash, size)) => done.push((i, hash, size)),
-                            Err(e) => {
-                                failed.store(true, Ordering::Relaxed);
-                                return Err(e);
-                            }
-                        }
-                    }
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(SeedError::Task("a copy thread panicked".to_owned())))
-            })
-            .collect()
-    });
-    for (i, hash, size) in outcome?.into_iter().flatten() {
-        results[i] = Some((hash, size));
-    }
-    results
-        .into_iter()
-        .zip(jobs)
-        .map(|(r, job)| {
-            r.ok_or_else(|| SeedError::Entry {
-                entry: fsutil::escape_bytes(&job.rel),
-                problem: "was not copied".to_owned(),
-            })
-        })
-        .collect()
-}
-
-fn copy_one(
-    tree: std::os::fd::BorrowedFd<'_>,
-    job: &FileJob,
-    chown: Option<(u32, u32)>,
-    reflink: &AtomicBool,
-    buf: &mut [u8],
-) -> Result<([u8; 32], u64), SeedError> {
-    let entry = || fsutil::escape_bytes(&job.rel);
-    let mut src = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&job.src)
-        .map_err(|e| SeedError::Entry {
-            entry: entry(),
-            problem: format!("cannot be read from {}: {e}", job.src.display()),
-        })?;
-    let rel = CString::new(job.rel.clone()).map_err(|_| SeedError::Entry {
-        entry: entry(),
-        problem: "contains a NUL byte".to_owned(),
-    })?;
-    let dst = fcntl::openat(
-        tree,
-        rel.as_c_str(),
-        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-        Mode::from_bits_truncate(0o600),
-    )
-    .map_err(|e| SeedError::Entry {
-        entry: entry(),
-        problem: format!("cannot be created in staging: {e}"),
-    })?;
-    let (hash, size) =
-        stage::copy_content(&mut src, &dst, reflink, buf).map_err(|e| SeedError::Entry {
-            entry: entry(),
-            problem: format!("copy failed: {e}"),
-        })?;
-    stage::finish_file(&dst, job.mode, Some(job.mtime), chown).map_err(|e| SeedError::Entry {
-        entry: entry(),
-        problem: format!("cannot set owner/mode/time: {e}"),
-    })?;
-    Ok((hash, size))
 }

@@ -148,15 +148,25 @@ pub(crate) fn copy_content(
     src: &mut std::fs::File,
     dst: &OwnedFd,
     reflink: &AtomicBool,
+    cancel: &AtomicBool,
     buf: &mut [u8],
 ) -> Result<([u8; 32], u64), Errno> {
     let mut hasher = Sha256::new();
     let mut size = 0u64;
+    // Checked per chunk: a stopped seed must not finish copying a huge file first.
+    let stopped = || {
+        if cancel.load(Ordering::Relaxed) {
+            Err(Errno::ECANCELED)
+        } else {
+            Ok(())
+        }
+    };
     if reflink.load(Ordering::Relaxed) {
         // SAFETY: FICLONE takes the source fd as its argument; both fds are open.
         let rc = unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) };
         if rc == 0 {
             loop {
+                stopped()?;
                 let n = read_retry(src, buf)?;
                 if n == 0 {
                     return Ok((hasher.finalize().into(), size));
@@ -169,6 +179,7 @@ pub(crate) fn copy_content(
     }
     let mut out = std::fs::File::from(fsutil::dup(dst.as_fd())?);
     loop {
+        stopped()?;
         let n = read_retry(src, buf)?;
         if n == 0 {
             return Ok((hasher.finalize().into(), size));

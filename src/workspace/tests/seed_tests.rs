@@ -464,6 +464,7 @@ fn url_seed_with_pinned_sha256() {
     // Wrong digest: error, nothing in the workspace, no staging, no record.
     let (url, h) = serve(body.clone(), 1);
     let wrong = SeedSource::Url {
+        timeouts: Default::default(),
         url: url.clone(),
         sha256: "0".repeat(64),
         ca_file: None,
@@ -485,6 +486,7 @@ fn url_seed_with_pinned_sha256() {
     // Right digest (with the sha256: prefix, upper case): seeded.
     let (url, h) = serve(body, 1);
     let good = SeedSource::Url {
+        timeouts: Default::default(),
         url,
         sha256: format!("sha256:{}", sha.to_uppercase()),
         ca_file: None,
@@ -516,4 +518,89 @@ fn url_rules() {
         parse_sha256(&format!("sha256:{}", "A".repeat(64))).unwrap(),
         "a".repeat(64)
     );
+}
+
+/// A server that sends its headers, then one byte every 100 ms, forever (never idle long
+/// enough for the idle timeout): only the total timeout ends the download.
+fn trickle() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let Ok((mut s, _)) = listener.accept() else {
+            return;
+        };
+        let mut buf = [0u8; 1024];
+        let _ = s.read(&mut buf);
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n");
+        for _ in 0..100 {
+            if s.write_all(b"x").is_err() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    });
+    format!("http://user:pw@127.0.0.1:{port}/slow.tar?sig=secret")
+}
+
+#[test]
+fn url_seed_is_bounded_by_the_total_timeout_and_names_it() {
+    let fx = fixture();
+    let slow = SeedSource::Url {
+        url: trickle(),
+        sha256: "0".repeat(64),
+        ca_file: None,
+        timeouts: crate::workspace::SeedTimeouts {
+            connect: std::time::Duration::from_secs(5),
+            idle: std::time::Duration::from_secs(5),
+            total: std::time::Duration::from_millis(800),
+        },
+    };
+    let started = std::time::Instant::now();
+    let err = runtime()
+        .block_on(fx.vol.seed(&slow))
+        .unwrap_err()
+        .to_string();
+    assert!(started.elapsed() < std::time::Duration::from_secs(4));
+    assert!(
+        err.contains("--seed-timeout") && err.contains("800ms") && err.contains("/slow.tar"),
+        "{err}"
+    );
+    assert!(!err.contains("secret") && !err.contains("pw@"), "{err}");
+    assert_ws_empty(&fx);
+    assert!(no_staging(&fx));
+}
+
+#[test]
+fn a_stopped_seed_is_cancelled_and_leaves_no_staging() {
+    let fx = fixture();
+    let slow = SeedSource::Url {
+        url: trickle(),
+        sha256: "0".repeat(64),
+        ca_file: None,
+        timeouts: Default::default(),
+    };
+    let started = std::time::Instant::now();
+    let stop = async { tokio::time::sleep(std::time::Duration::from_millis(300)).await };
+    let err = runtime()
+        .block_on(fx.vol.seed_until(&slow, stop))
+        .unwrap_err();
+    assert!(matches!(err, SeedError::Cancelled), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(3));
+    assert_ws_empty(&fx);
+    assert!(no_staging(&fx));
+    assert!(!fx.sup().join("seed.json").exists());
+}
+
+#[test]
+fn a_fifo_as_seed_archive_is_refused_naming_it() {
+    let fx = fixture();
+    let fifo = fx.tmp.path().join("seed.fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let err = runtime()
+        .block_on(fx.vol.seed(&SeedSource::Archive(fifo)))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("seed.fifo") && err.contains("FIFO"), "{err}");
+    assert_ws_empty(&fx);
+    assert!(no_staging(&fx));
 }
