@@ -67,14 +67,8 @@ fn main() {
             exit::CONFIG
         }
         Command::Run(cfg) => {
-            // Block signals and become subreaper before the runtime creates threads.
-            let pid1 = match sandbox_supervisor::pid1::prepare() {
-                Ok(p) => p,
-                Err(e) => {
-                    eprintln!("sandbox-supervisor: {e}");
-                    std::process::exit(exit::FATAL);
-                }
-            };
+            // Logging and the flags first: a bad flag exits 64 naming it, before any
+            // PID-1 set-up can fail for an unrelated reason. Neither makes a thread.
             let format = match cfg.log_format {
                 LogFormat::Json => logs::Format::Json,
                 LogFormat::Text => logs::Format::Text,
@@ -89,6 +83,14 @@ fn main() {
                 tracing::error!(event = "config.invalid", error = %e, "{e}");
                 std::process::exit(exit::CONFIG);
             }
+            // Block signals and become subreaper before the runtime creates threads.
+            let pid1 = match sandbox_supervisor::pid1::prepare() {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(event = "pid1.failed", error = %e, "{e}");
+                    std::process::exit(exit::FATAL);
+                }
+            };
             // The tenant can fill the pids limit, and then no thread can be created:
             // every thread the supervisor needs exists before any tenant does. The
             // blocking pool's are started here and never retire; when tokio cannot add

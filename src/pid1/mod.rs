@@ -72,6 +72,8 @@ pub(crate) fn handled_signals() -> SigSet {
 pub struct Pid1 {
     mode: Mode,
     oom: OomProtection,
+    /// Not PID 1 and the kernel refused PR_SET_CHILD_SUBREAPER.
+    subreaper_refused: Option<nix::Error>,
 }
 
 /// Blocks the handled signals (inherited by every thread created later), makes the
@@ -91,19 +93,24 @@ pub fn prepare() -> Result<Pid1, Pid1Error> {
         what: "set PR_SET_DUMPABLE=0",
         source,
     })?;
-    let mode = if nix::unistd::getpid().as_raw() == 1 {
-        Mode::Pid1
+    let (mode, subreaper_refused) = if nix::unistd::getpid().as_raw() == 1 {
+        (Mode::Pid1, None)
     } else {
-        nix::sys::prctl::set_child_subreaper(true).map_err(|source| Pid1Error::Syscall {
-            what: "become a child subreaper",
-            source,
-        })?;
-        Mode::Subreaper
+        // Older gVisor allows it to PID 1 only (EINVAL): carry on, and say at start
+        // which guarantee is weaker.
+        (
+            Mode::Subreaper,
+            nix::sys::prctl::set_child_subreaper(true).err(),
+        )
     };
     // Before any thread or child exists, so everything started later inherits it
     // (session children then raise their own).
     let oom = limits::protect_from_oom();
-    Ok(Pid1 { mode, oom })
+    Ok(Pid1 {
+        mode,
+        oom,
+        subreaper_refused,
+    })
 }
 
 impl Pid1 {
@@ -114,6 +121,9 @@ impl Pid1 {
     /// Starts the reaper thread. Returns the reaper (spawn and wait go through it) and
     /// the intake of signals that ask the supervisor to release.
     pub fn start(self) -> Result<(Reaper, SignalIntake), Pid1Error> {
+        if let Some(e) = self.subreaper_refused {
+            tracing::warn!(event = "pid1.subreaper_unavailable", error = %e, guarantee = "weaker: orphans of session processes are reparented to this namespace's init, not to the supervisor: it cannot reap them, and release kills only what it still sees descending from itself", "cannot become a child subreaper");
+        }
         if self.oom.fully_protected {
             tracing::info!(
                 event = "pid1.oom_protected",
