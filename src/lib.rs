@@ -18,6 +18,7 @@ pub mod lifecycle;
 #[cfg(feature = "reference-gateway")]
 pub mod local;
 pub mod pid1;
+pub mod platform;
 pub mod relay;
 pub mod telemetry;
 pub mod workspace;

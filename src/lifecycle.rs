@@ -648,6 +648,11 @@ pub async fn run_command(cfg: RunConfig, pid1: pid1::Pid1) -> i32 {
             return exit::FATAL;
         }
     };
+    let caps = crate::platform::get();
+    crate::platform::log(caps);
+    for c in &caps.features {
+        telemetry.metrics.set_capability(c.name, c.available);
+    }
     if mode == pid1::Mode::Subreaper {
         tracing::info!(
             event = "pid1.subreaper",

@@ -26,6 +26,11 @@ pub struct StreamLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CapabilityLabel {
+    pub capability: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
     pub result: String,
 }
@@ -74,6 +79,7 @@ pub struct Metrics {
     pub reaped_processes_total: Counter,
     token_refreshes_total: Family<ResultLabel, Counter>,
     pub register_attempts_total: Counter,
+    platform_capability: Family<CapabilityLabel, Gauge>,
 }
 
 impl Metrics {
@@ -93,6 +99,7 @@ impl Metrics {
             reaped_processes_total: Counter::default(),
             token_refreshes_total: Family::default(),
             register_attempts_total: Counter::default(),
+            platform_capability: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -150,6 +157,11 @@ impl Metrics {
             "Register calls made to the gateway",
             m.register_attempts_total.clone(),
         );
+        registry.register(
+            "platform_capability",
+            "Kernel features probed at boot (1 available, 0 missing: a fallback is taken)",
+            m.platform_capability.clone(),
+        );
         for s in STATES {
             m.state
                 .get_or_create(&StateLabel { state: s.into() })
@@ -164,6 +176,14 @@ impl Metrics {
                 .get_or_create(&StateLabel { state: s.into() })
                 .set(i64::from(s == state));
         }
+    }
+
+    pub fn set_capability(&self, name: &str, available: bool) {
+        self.platform_capability
+            .get_or_create(&CapabilityLabel {
+                capability: name.into(),
+            })
+            .set(i64::from(available));
     }
 
     pub fn session_ended(&self, outcome: SessionOutcome) {
