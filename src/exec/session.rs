@@ -274,7 +274,14 @@ impl Session {
         spawn::resize_pty(master, c, r).map_err(|source| SessionInputError::Signal {
             id: self.id.clone(),
             source,
-        })
+        })?;
+        // Linux's PTY signals the foreground group itself; gVisor's does not. One more
+        // SIGWINCH is harmless (pending signals coalesce; programs just re-read the
+        // size), a missing one leaves a full-screen program drawn at the old size.
+        if let Some(fg) = foreground_group(master) {
+            let _ = killpg(Pid::from_raw(fg), Signal::SIGWINCH);
+        }
+        Ok(())
     }
 
     /// Delivers a signal. SIGTERM and SIGKILL end the session, so they reach every

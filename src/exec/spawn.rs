@@ -298,7 +298,7 @@ pub async fn spawn(
     })
 }
 
-/// Sets a PTY's window size; the kernel sends SIGWINCH to its foreground group.
+/// Sets a PTY's window size (Linux then sends SIGWINCH to its foreground group).
 pub fn resize_pty(master: &OwnedFd, cols: u16, rows: u16) -> nix::Result<()> {
     let ws = Winsize {
         ws_row: rows,
