@@ -285,8 +285,20 @@ pub async fn run(
             }
         },
         sig = m.signals.recv() => {
-            // Terminated while warm: no tenant ever ran, nothing to wipe.
             let reason = format!("signal {} while warm", sig.map(|s| s.signal).unwrap_or(0));
+            if resume.is_some() {
+                // Crashed while bound and terminated before the binding resumed: the
+                // tenant's files are still here. Retire them (kill, tombstone, wipe) before
+                // saying released; exit 0 always means the workspace was wiped.
+                m.transition(State::Releasing, &reason);
+                let (killed, all_gone) = pid1::kill_workload(&m.reaper, m.cfg.release_grace).await;
+                tracing::info!(event = "release.killed", processes = killed, all_gone, "workload stopped");
+                if !retire(&volume, &m.telemetry, &m.pod.uid).await {
+                    tracing::error!(event = "release.failed", reason = %reason, "terminated while resuming a binding and the workspace could not be wiped");
+                    return exit::FATAL;
+                }
+            }
+            // Otherwise no tenant ever ran: nothing to wipe.
             m.transition(State::Released, &reason);
             return exit::RELEASED;
         }
