@@ -420,6 +420,31 @@ pub(crate) fn dirent_names(buf: &[u8]) -> impl Iterator<Item = &CStr> {
     })
 }
 
+/// `renameat2(RENAME_NOREPLACE)`, or where the kernel lacks it (`EINVAL`/`ENOSYS`) a
+/// check for the target followed by `renameat` (the callers' targets are random names in
+/// a directory no one else writes any more).
+pub(crate) fn rename_noreplace(
+    from_dir: BorrowedFd<'_>,
+    from: &CStr,
+    to_dir: BorrowedFd<'_>,
+    to: &CStr,
+) -> Result<(), Errno> {
+    match fcntl::renameat2(
+        from_dir,
+        from,
+        to_dir,
+        to,
+        fcntl::RenameFlags::RENAME_NOREPLACE,
+    ) {
+        Err(Errno::EINVAL | Errno::ENOSYS) => match stat_at(to_dir, to) {
+            Ok(_) => Err(Errno::EEXIST),
+            Err(Errno::ENOENT) => fcntl::renameat(from_dir, from, to_dir, to),
+            Err(e) => Err(e),
+        },
+        other => other,
+    }
+}
+
 /// Moves a directory fd's stream back to its first entry.
 pub(crate) fn rewind_dir(fd: BorrowedFd<'_>) -> Result<(), Errno> {
     nix::unistd::lseek(fd, 0, nix::unistd::Whence::SeekSet).map(drop)

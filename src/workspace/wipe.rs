@@ -75,6 +75,9 @@ const READ_BUFFER: usize = 32 * 1024;
 pub(crate) const PENDING_BUDGET: usize = 4 << 20;
 /// Entries the wipe gives up on before it stops (each is reported and remembered).
 pub(crate) const MAX_LEFT: usize = 1000;
+/// Deepest stack the walk keeps: a directory found deeper is moved up to the wiped root
+/// (see [`Walk::flatten`]) so the frames' memory is bounded however deep the tree.
+pub(crate) const MAX_DEPTH: usize = 1024;
 /// Longest path written into the report (the tail is kept).
 const MAX_REPORT_PATH: usize = 4096;
 /// What a pending name costs beyond its bytes (the boxed slice and allocator rounding).
@@ -155,6 +158,7 @@ struct Walk {
     buf: Vec<u8>,
     pending_total: usize,
     left_total: usize,
+    flattened: u64,
 }
 
 /// Removes everything below `root` (an open directory) and keeps `root` itself.
@@ -191,6 +195,7 @@ pub(crate) fn wipe_contents(
         buf: vec![0u8; READ_BUFFER],
         pending_total: 0,
         left_total: 0,
+        flattened: 0,
     };
     // The first read of the top directory failing means the wipe cannot start at all.
     if let Err(errno) = walk.read_batch() {
@@ -313,6 +318,45 @@ impl Walk {
             }
             i += 1;
         }
+    }
+
+    /// Moves the directory `name` of the top directory up into the wiped root under a
+    /// fresh name and queues it there: its subtree is walked later from the root, so the
+    /// stack never grows past [`MAX_DEPTH`]. Both ends are directory fds we hold on the
+    /// same mount (the caller checked), and `RENAME_NOREPLACE` never overwrites anything.
+    /// `false` (descend as usual) if the rename is refused.
+    fn flatten(&mut self, name: &CStr) -> bool {
+        let root = self.stack[0]
+            .dir
+            .as_ref()
+            .expect("the root frame stays open")
+            .as_fd();
+        for _ in 0..4 {
+            self.flattened += 1;
+            let new = CString::new(format!(
+                ".wipe-deep-{}-{:016x}",
+                self.flattened,
+                rand::random::<u64>()
+            ))
+            .expect("no NUL in a formatted name");
+            match fsutil::rename_noreplace(self.top_fd(), name, root, &new) {
+                Ok(()) => {
+                    let cost = new.as_bytes().len() + NAME_OVERHEAD;
+                    let root_frame = &mut self.stack[0];
+                    root_frame.pending.push(new);
+                    root_frame.pending_bytes += cost;
+                    root_frame.found_in_pass = true;
+                    self.pending_total += cost;
+                    return true;
+                }
+                Err(Errno::EEXIST) => continue,
+                Err(errno) => {
+                    tracing::debug!(event = "wipe.flatten_refused", error = %errno, "cannot move a deep directory up; descending into it");
+                    return false;
+                }
+            }
+        }
+        false
     }
 
     /// After the walk: whatever the top directory still lists, other than what was
@@ -455,6 +499,9 @@ impl Walk {
     }
 
     fn enter_dir(&mut self, name: &CStr, meta: &Meta) -> Step {
+        if self.stack.len() >= MAX_DEPTH && self.flatten(name) {
+            return Step::Done;
+        }
         let opened = fsutil::open_dir_beneath(self.top_fd(), name, self.opts.resolve);
         let fd = match opened {
             Ok(fd) => fd,
