@@ -26,10 +26,12 @@
 //! - Whatever is still listed at the end (other than what was reported) fails the wipe: a
 //!   file system that says "removed" but keeps listing the entry is never "fully wiped".
 
-use super::flags::{immutable_action, FlagAction};
+mod bounds;
+mod unflag;
+
 use super::fsutil::{self, Kind, Meta, Resolve};
 use nix::errno::Errno;
-use nix::fcntl::{self, OFlag};
+
 use nix::sys::stat::Mode;
 use nix::unistd::{unlinkat, UnlinkatFlags};
 use std::collections::HashSet;
@@ -278,128 +280,6 @@ impl Walk {
         }
     }
 
-    /// Reads one buffer of names of the top directory into its pending batch.
-    fn read_batch(&mut self) -> Result<(), Errno> {
-        let top = self.stack.last_mut().expect("non-empty stack");
-        let fd = top.dir.as_ref().expect("the top frame is open").as_fd();
-        let n = fsutil::getdents(fd, &mut self.buf)?;
-        if n == 0 {
-            top.eof = true;
-            return Ok(());
-        }
-        for name in fsutil::dirent_names(&self.buf[..n]) {
-            let bytes = name.to_bytes();
-            if bytes == b"." || bytes == b".." || top.left.contains(name) {
-                continue;
-            }
-            let cost = bytes.len() + NAME_OVERHEAD;
-            top.pending.push(name.to_owned());
-            top.pending_bytes += cost;
-            self.pending_total += cost;
-            top.found_in_pass = true;
-        }
-        self.enforce_pending_budget();
-        Ok(())
-    }
-
-    /// Over budget (a deep tree of wide directories): forget the batches of the
-    /// shallowest directories; each is read again from its start when the walk returns.
-    fn enforce_pending_budget(&mut self) {
-        let top = self.stack.len() - 1;
-        let mut i = 0;
-        while self.pending_total > self.opts.pending_budget && i < top {
-            let f = &mut self.stack[i];
-            if !f.pending.is_empty() {
-                self.pending_total -= f.pending_bytes;
-                f.pending = Vec::new();
-                f.pending_bytes = 0;
-                f.eof = false;
-                f.rewind = true;
-            }
-            i += 1;
-        }
-    }
-
-    /// Moves the directory `name` of the top directory up into the wiped root under a
-    /// fresh name and queues it there: its subtree is walked later from the root, so the
-    /// stack never grows past [`MAX_DEPTH`]. Both ends are directory fds we hold on the
-    /// same mount (the caller checked), and `RENAME_NOREPLACE` never overwrites anything.
-    /// `false` (descend as usual) if the rename is refused.
-    fn flatten(&mut self, name: &CStr) -> bool {
-        let root = self.stack[0]
-            .dir
-            .as_ref()
-            .expect("the root frame stays open")
-            .as_fd();
-        for _ in 0..4 {
-            self.flattened += 1;
-            let new = CString::new(format!(
-                ".wipe-deep-{}-{:016x}",
-                self.flattened,
-                rand::random::<u64>()
-            ))
-            .expect("no NUL in a formatted name");
-            match fsutil::rename_noreplace(self.top_fd(), name, root, &new) {
-                Ok(()) => {
-                    let cost = new.as_bytes().len() + NAME_OVERHEAD;
-                    let root_frame = &mut self.stack[0];
-                    root_frame.pending.push(new);
-                    root_frame.pending_bytes += cost;
-                    root_frame.found_in_pass = true;
-                    self.pending_total += cost;
-                    return true;
-                }
-                Err(Errno::EEXIST) => continue,
-                Err(errno) => {
-                    tracing::debug!(event = "wipe.flatten_refused", error = %errno, "cannot move a deep directory up; descending into it");
-                    return false;
-                }
-            }
-        }
-        false
-    }
-
-    /// After the walk: whatever the top directory still lists, other than what was
-    /// reported, means the wipe did not finish (e.g. a file system whose unlink said yes
-    /// but whose readdir still shows the entry).
-    fn verify_empty(&mut self) {
-        if self.aborted || self.stack.len() != 1 {
-            return;
-        }
-        let top = &self.stack[0];
-        let fd = top.dir.as_ref().expect("the top frame is open").as_fd();
-        let mut left = Vec::new();
-        let read = fsutil::rewind_dir(fd).and_then(|()| loop {
-            let n = fsutil::getdents(fd, &mut self.buf)?;
-            if n == 0 {
-                return Ok(());
-            }
-            for name in fsutil::dirent_names(&self.buf[..n]) {
-                let b = name.to_bytes();
-                if b != b"." && b != b".." && !top.left.contains(name) && left.len() < 10 {
-                    left.push(fsutil::escape_bytes(b));
-                }
-            }
-            if left.len() >= 10 {
-                return Ok(());
-            }
-        });
-        match read {
-            Err(errno) => self.skip(
-                ".".to_owned(),
-                format!("cannot check that the directory is empty: {errno}"),
-            ),
-            Ok(()) => {
-                for path in left {
-                    self.skip(
-                        path,
-                        "still listed after the wipe removed everything it found".to_owned(),
-                    );
-                }
-            }
-        }
-    }
-
     fn top_fd(&self) -> BorrowedFd<'_> {
         self.stack
             .last()
@@ -625,78 +505,6 @@ impl Walk {
         }
     }
 
-    /// `EPERM` from `unlinkat`: an immutable or append-only flag on the parent directory or
-    /// on the entry. Cleared only with `CAP_LINUX_IMMUTABLE`; otherwise fail closed.
-    fn unflag(&mut self, name: &CStr, meta: &Meta) -> Step {
-        let can_clear = self.opts.can_clear_immutable;
-        // The parent directory first: its flag blocks every unlink inside it.
-        if let Ok(flags) = fsutil::get_inode_flags(self.top_fd()) {
-            match immutable_action(flags, can_clear) {
-                FlagAction::NotFlagged => {}
-                FlagAction::Clear(new) => {
-                    return match fsutil::set_inode_flags(self.top_fd(), new) {
-                        Ok(()) => {
-                            let path = self.path(None);
-                            tracing::info!(event = "wipe.cleared_flag", path = %path, "cleared immutable/append-only flag on a directory");
-                            Step::Retry
-                        }
-                        Err(errno) => self.flag_failure(name, true, format!("immutable or append-only directory; clearing the flag failed: {errno}")),
-                    };
-                }
-                FlagAction::FailClosed => {
-                    return self.flag_failure(name, true, "immutable or append-only directory and no CAP_LINUX_IMMUTABLE: left in place (clear it with chattr -ia from a privileged context)".to_owned());
-                }
-            }
-        }
-        if !matches!(meta.kind, Kind::File | Kind::Dir) {
-            return self.flag_failure(name, false, "cannot unlink: EPERM".to_owned());
-        }
-        let entry_flags = (|| {
-            let opath = fsutil::open_path_nofollow(self.top_fd(), name)?;
-            let m = fsutil::stat_fd(opath.as_fd())?;
-            if !m.same_object(meta) || m.kind != meta.kind {
-                return Err(Errno::EAGAIN);
-            }
-            let fd = fsutil::reopen(opath.as_fd(), OFlag::O_RDONLY)?;
-            let flags = fsutil::get_inode_flags(fd.as_fd())?;
-            Ok((fd, flags))
-        })();
-        match entry_flags {
-            Err(Errno::EAGAIN) => Step::Retry,
-            Err(errno) => self.flag_failure(name, false, format!("cannot unlink (EPERM) and cannot read its flags: {errno}")),
-            Ok((fd, flags)) => match immutable_action(flags, can_clear) {
-                FlagAction::NotFlagged => self.flag_failure(name, false, "cannot unlink: EPERM".to_owned()),
-                FlagAction::Clear(new) => match fsutil::set_inode_flags(fd.as_fd(), new) {
-                    Ok(()) => {
-                        let path = self.path(Some(name));
-                        tracing::info!(event = "wipe.cleared_flag", path = %path, "cleared immutable/append-only flag");
-                        Step::Retry
-                    }
-                    Err(errno) => self.flag_failure(name, false, format!("immutable or append-only; clearing the flag failed: {errno}")),
-                },
-                FlagAction::FailClosed => self.flag_failure(name, false, "immutable or append-only and no CAP_LINUX_IMMUTABLE: left in place (clear it with chattr -ia from a privileged context)".to_owned()),
-            },
-        }
-    }
-
-    /// Gives up on `name`; `about_parent`: the reason is the top directory's own flag.
-    fn flag_failure(&mut self, name: &CStr, about_parent: bool, why: String) -> Step {
-        let path = self.path((!about_parent).then_some(name));
-        self.skip(path, why);
-        self.give_up(name);
-        Step::Done
-    }
-
-    fn enforce_fd_budget(&mut self) {
-        let open = 1 + self.stack.len() - self.first_open;
-        if open > self.opts.max_open_dirs && self.first_open < self.stack.len() - 1 {
-            let f = &mut self.stack[self.first_open];
-            f.dir = None;
-            f.eof = false;
-            self.first_open += 1;
-        }
-    }
-
     /// The top directory is empty (or blocked): remove it from its parent.
     fn finish_dir(&mut self) {
         let child = self.stack.pop().expect("caller checked depth");
@@ -765,35 +573,5 @@ impl Walk {
             }
             break;
         }
-    }
-
-    /// Reopens a closed ancestor: through the child's `..` (one syscall), which must be the
-    /// same inode we held; otherwise by name from the root frame, checked at every step.
-    fn reopen_parent(&self, child: &Frame, parent_idx: usize) -> Option<OwnedFd> {
-        let want = self.stack[parent_idx].meta;
-        if let Some(child_dir) = child.dir.as_ref() {
-            if let Ok(fd) = fcntl::openat(
-                child_dir.as_fd(),
-                c"..",
-                OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-                Mode::empty(),
-            ) {
-                if fsutil::stat_fd(fd.as_fd()).is_ok_and(|m| m.same_object(&want)) {
-                    return Some(fd);
-                }
-            }
-        }
-        let root = self.stack[0].dir.as_ref()?;
-        let mut current = fsutil::dup(root.as_fd()).ok()?;
-        for frame in &self.stack[1..=parent_idx] {
-            let fd =
-                fsutil::open_dir_beneath(current.as_fd(), &frame.name, self.opts.resolve).ok()?;
-            let m = fsutil::stat_fd(fd.as_fd()).ok()?;
-            if !m.same_object(&frame.meta) {
-                return None;
-            }
-            current = fd;
-        }
-        Some(current)
     }
 }
