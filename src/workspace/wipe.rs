@@ -70,6 +70,7 @@ pub enum WipeError {
 
 pub(crate) const DEFAULT_MAX_OPEN_DIRS: usize = 128;
 const MAX_RESCANS: u8 = 4;
+const MAX_PASSES: u8 = 64;
 const MAX_ATTEMPTS: usize = 4;
 /// One `getdents64` call's buffer: the largest batch of names read at once.
 const READ_BUFFER: usize = 32 * 1024;
@@ -120,7 +121,11 @@ struct Frame {
     /// The stream position no longer matches `pending` (its batch was dropped to stay in
     /// budget): rewind before reading on.
     rewind: bool,
+    /// Passes over the directory that removed nothing / passes in all.
     rescans: u8,
+    passes: u8,
+    /// `files_removed + dirs_removed` when the current pass started.
+    removed_at_pass: u64,
     /// Something below could not be removed: rescanning would only find it again.
     blocked: bool,
     /// Names in this directory the wipe gave up on: never handled twice.
@@ -139,6 +144,8 @@ impl Frame {
             found_in_pass: false,
             rewind: false,
             rescans: 0,
+            passes: 0,
+            removed_at_pass: 0,
             blocked: false,
             left: HashSet::new(),
         }
@@ -243,14 +250,29 @@ impl Walk {
                 self.entry(name);
                 continue;
             }
-            if top.rewind
-                || (top.eof && top.found_in_pass && !top.blocked && top.rescans < MAX_RESCANS)
-            {
+            let removed = self.report.files_removed + self.report.dirs_removed;
+            // A pass that removed something earns another (a file system whose readdir
+            // positions shift as entries go skips some each pass); one that removed
+            // nothing gets a few (a racing writer), then the directory is done.
+            let progressed = removed != top.removed_at_pass;
+            let rescan = top.eof
+                && top.found_in_pass
+                && !top.blocked
+                && if progressed {
+                    top.passes < MAX_PASSES
+                } else {
+                    top.rescans < MAX_RESCANS
+                };
+            if top.rewind || rescan {
                 // A dropped batch, or a rescan: entries created while we walked (a racing
                 // writer) or skipped by a file system's readdir show up here.
                 if !top.rewind {
-                    top.rescans += 1;
+                    top.passes += 1;
+                    if !progressed {
+                        top.rescans += 1;
+                    }
                 }
+                top.removed_at_pass = removed;
                 top.rewind = false;
                 let dir = top.dir.as_ref().expect("the top frame is open");
                 if let Err(errno) = fsutil::rewind_dir(dir.as_fd()) {
@@ -424,8 +446,9 @@ impl Walk {
                 Mode::from_bits_truncate(opened_meta.perm | 0o700),
             );
         }
-        self.stack
-            .push(Frame::new(fd, name.to_owned(), opened_meta));
+        let mut frame = Frame::new(fd, name.to_owned(), opened_meta);
+        frame.removed_at_pass = self.report.files_removed + self.report.dirs_removed;
+        self.stack.push(frame);
         self.enforce_fd_budget();
         Step::Done
     }
@@ -518,6 +541,7 @@ impl Walk {
                     parent.dir = Some(dir);
                     parent.eof = false;
                     parent.found_in_pass = false;
+                    parent.removed_at_pass = self.report.files_removed + self.report.dirs_removed;
                     parent.rewind = false;
                     self.first_open = parent_idx.max(1);
                 }
