@@ -309,9 +309,10 @@ impl Volume {
             pod_uid,
             &inner.sup_s,
         )?;
-        if matches!(state, BootState::Bound { .. }) {
-            // A binding written before reserves existed, or a reserve spent by a release
-            // that crashed before its tombstone: set the room aside again if there is any.
+        if !matches!(state, BootState::ReleasedNotWiped(_)) {
+            // While no tenant can have filled the volume (or, resuming a binding, in case
+            // an older version bound it): the room the tombstone will need. Here rather
+            // than in `write_binding`, which must stay fast.
             inner.ensure_reserve();
         }
         tracing::info!(
@@ -379,7 +380,7 @@ impl Volume {
                 requested: rec.claim_uid.clone(),
             });
         }
-        // Before any tenant can fill the volume: the room the tombstone will need.
+        // Normally already set aside at boot (then this is one statx).
         inner.ensure_reserve();
         records::write_record(sup, BINDING_FILE, "binding", rec).map_err(|errno| {
             WorkspaceError::Io {
