@@ -322,8 +322,20 @@ pub async fn run(
             }
         },
         sig = m.signals.recv() => {
-            // Terminated while warm: no tenant ever ran, nothing to wipe.
             let reason = format!("signal {} while warm", sig.map(|s| s.signal).unwrap_or(0));
+            if resume.is_some() {
+                // Crashed while bound and terminated before the binding resumed: the
+                // tenant's files are still here. Retire them (kill, tombstone, wipe) before
+                // saying released; exit 0 always means the workspace was wiped.
+                m.transition(State::Releasing, &reason);
+                let (killed, all_gone) = pid1::kill_workload(&m.reaper, m.cfg.release_grace).await;
+                tracing::info!(event = "release.killed", processes = killed, all_gone, "workload stopped");
+                if !retire(&volume, &m.telemetry, &m.pod.uid).await {
+                    tracing::error!(event = "release.failed", reason = %reason, "terminated while resuming a binding and the workspace could not be wiped");
+                    return exit::FATAL;
+                }
+            }
+            // Otherwise no tenant ever ran: nothing to wipe.
             m.transition(State::Released, &reason);
             return exit::RELEASED;
         }
@@ -482,43 +494,68 @@ pub async fn run(
         all_gone,
         "workload stopped"
     );
-    if let Err(e) = volume.write_tombstone(TombstonePhase::Released, non_empty(&binding.pod_uid)) {
-        tracing::error!(event = "release.tombstone_failed", error = %e, "cannot write the tombstone");
-        return exit::FATAL;
-    }
-    let mut report = wipe(&volume, &m.telemetry).await;
+    let mut report = tombstone_and_wipe(&volume, &m.telemetry, non_empty(&binding.pod_uid)).await;
     report.processes_killed = killed;
     report.duration_ms = started.elapsed().as_millis() as u64;
-    if report.error.is_empty() {
-        if let Err(e) = volume.write_tombstone(TombstonePhase::Wiped, non_empty(&binding.pod_uid)) {
-            report.error = format!("cannot mark the tombstone wiped: {e}");
-        }
-    }
     let delivered = match reporter {
         Some(r) => r.send(report.clone()).await,
         None => relay::report_fresh(&endpoint, &creds, hello, report.clone()).await,
     };
     tracing::info!(event = "release.reported", delivered, files = report.files_removed, bytes = report.bytes_removed, error = %report.error, "release report");
-    m.transition(State::Released, &reason);
-    if report.error.is_empty() {
-        exit::RELEASED
-    } else {
-        exit::FATAL
+    if !report.error.is_empty() {
+        // Not `released`: that word (and exit 0) means the workspace was wiped.
+        tracing::error!(event = "release.failed", error = %report.error, "the release did not finish wiping the workspace");
+        return exit::FATAL;
     }
+    m.transition(State::Released, &reason);
+    exit::RELEASED
 }
 
 /// Release without a workload (a restart after a crash): `released` tombstone, wipe,
-/// `wiped` tombstone. Failures are logged; the caller refuses either way.
-async fn retire(volume: &Arc<Volume>, telemetry: &Telemetry, pod_uid: &str) {
-    if let Err(e) = volume.write_tombstone(TombstonePhase::Released, non_empty(pod_uid)) {
-        tracing::error!(event = "release.tombstone_failed", error = %e, "cannot write the tombstone");
-    }
-    let report = wipe(volume, telemetry).await;
-    if report.error.is_empty() {
-        if let Err(e) = volume.write_tombstone(TombstonePhase::Wiped, non_empty(pod_uid)) {
-            tracing::error!(event = "release.tombstone_failed", error = %e, "cannot mark the tombstone wiped");
+/// `wiped` tombstone. Failures are logged; returns whether the workspace was wiped.
+async fn retire(volume: &Arc<Volume>, telemetry: &Telemetry, pod_uid: &str) -> bool {
+    tombstone_and_wipe(volume, telemetry, non_empty(pod_uid))
+        .await
+        .error
+        .is_empty()
+}
+
+/// The end of a tenant's files, on every path that retires them: the `released`
+/// tombstone, the wipe, the `wiped` tombstone. The tombstone normally goes first (the
+/// workspace reserves room for it; see `Volume::write_tombstone`). If it still cannot be
+/// written the wipe goes ahead anyway, with the binding record as the fence (a restart
+/// may only resume that same claim, never take a second one), and the tombstone is
+/// written once the wipe has made room. Any failure is in `report.error`.
+async fn tombstone_and_wipe(
+    volume: &Arc<Volume>,
+    telemetry: &Telemetry,
+    pod_uid: Option<&str>,
+) -> proto::ReleaseReport {
+    let fenced = match volume.write_tombstone(TombstonePhase::Released, pod_uid) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::error!(event = "release.tombstone_failed", error = %e, "cannot write the tombstone before the wipe; wiping anyway (the binding record stays the fence) and writing it after");
+            false
+        }
+    };
+    let mut report = wipe(volume, telemetry).await;
+    let phase = if report.error.is_empty() {
+        TombstonePhase::Wiped
+    } else {
+        TombstonePhase::Released
+    };
+    if phase == TombstonePhase::Wiped || !fenced {
+        if let Err(e) = volume.write_tombstone(phase, pod_uid) {
+            let what = format!("cannot write the {} tombstone: {e}", phase.as_str());
+            tracing::error!(event = "release.tombstone_failed", error = %e, "{what}");
+            report.error = if report.error.is_empty() {
+                what
+            } else {
+                format!("{}; {what}", report.error)
+            };
         }
     }
+    report
 }
 
 async fn wipe(volume: &Arc<Volume>, telemetry: &Telemetry) -> proto::ReleaseReport {
@@ -533,29 +570,53 @@ async fn wipe(volume: &Arc<Volume>, telemetry: &Telemetry) -> proto::ReleaseRepo
                 .metrics
                 .wipe_duration_seconds
                 .set(w.duration_ms as f64 / 1000.0);
-            tracing::info!(
-                event = "wipe.completed",
-                files = w.files_removed,
-                bytes = w.bytes_removed,
-                skipped_mounts = w.skipped_mounts.len(),
-                duration_ms = w.duration_ms,
-                "workspace wiped"
-            );
             report.files_removed = w.files_removed;
             report.bytes_removed = w.bytes_removed;
             report.skipped_mounts = w.skipped_mounts.clone();
             // A mount point is another file system, not tenant data on this volume: it is
             // reported in `skipped_mounts` and dies with the pod's mount namespace. Anything
             // else left behind means the wipe did not finish.
-            if !w.skipped.is_empty() {
-                report.error = format!("not everything could be removed: {:?}", w.skipped);
+            if !w.skipped.is_empty() || (!w.fully_wiped && w.skipped_mounts.is_empty()) {
+                const SHOWN: usize = 10;
+                let mut listed: Vec<String> = w
+                    .skipped
+                    .iter()
+                    .take(SHOWN)
+                    .map(|(p, why)| format!("{p}: {why}"))
+                    .collect();
+                if w.skipped.len() > SHOWN {
+                    listed.push(format!("and {} more", w.skipped.len() - SHOWN));
+                }
+                report.error = format!("not everything could be removed: {}", listed.join("; "));
+                tracing::error!(
+                    event = "wipe.failed",
+                    files = w.files_removed,
+                    bytes = w.bytes_removed,
+                    left = w.skipped.len(),
+                    skipped_mounts = w.skipped_mounts.len(),
+                    duration_ms = w.duration_ms,
+                    error = %report.error,
+                    "the wipe left tenant files behind"
+                );
+            } else {
+                tracing::info!(
+                    event = "wipe.completed",
+                    files = w.files_removed,
+                    bytes = w.bytes_removed,
+                    skipped_mounts = w.skipped_mounts.len(),
+                    duration_ms = w.duration_ms,
+                    "workspace wiped"
+                );
             }
         }
         Ok(Err(e)) => {
             tracing::error!(event = "wipe.failed", error = %e, "wipe failed");
             report.error = e.to_string();
         }
-        Err(e) => report.error = format!("wipe task failed: {e}"),
+        Err(e) => {
+            report.error = format!("wipe task failed: {e}");
+            tracing::error!(event = "wipe.failed", error = %report.error, "wipe failed");
+        }
     }
     report
 }

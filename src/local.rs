@@ -165,8 +165,8 @@ async fn run(args: LocalArgs) -> anyhow::Result<i32> {
     };
 
     let result = drive(&gateway, &pod.pod_name, &args.command).await;
-    let code = match result {
-        Ok(code) => code,
+    let (code, wiped) = match result {
+        Ok(v) => v,
         Err(e) => {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(child.id() as i32),
@@ -183,15 +183,22 @@ async fn run(args: LocalArgs) -> anyhow::Result<i32> {
         eprintln!("local: the supervisor exited with {status}\n--- supervisor log ---\n{log}");
     }
     drop(tmp);
+    // The supervisor exits 0 only when its release wiped the workspace; a session's own
+    // status must never hide a release that did not.
+    if !status.success() || !wiped {
+        eprintln!("local: the release did not wipe the workspace");
+        return Ok(crate::lifecycle::exit::FATAL);
+    }
     Ok(code)
 }
 
-/// Claims the pod, runs the command attached to this terminal, releases.
+/// Claims the pod, runs the command attached to this terminal, releases. Returns the
+/// session's exit status and whether the release report says the workspace was wiped.
 async fn drive(
     gateway: &ReferenceGateway,
     pod_name: &str,
     command: &[String],
-) -> anyhow::Result<i32> {
+) -> anyhow::Result<(i32, bool)> {
     gateway
         .wait_parked(pod_name, Duration::from_secs(60))
         .await
@@ -277,6 +284,7 @@ async fn drive(
             Duration::from_secs(30),
         )
         .await?;
+    let wiped = report.as_ref().is_some_and(|r| r.error.is_empty());
     if let Some(r) = report {
         eprintln!(
             "local: released: {} files ({} bytes) wiped in {} ms{}",
@@ -290,7 +298,7 @@ async fn drive(
             }
         );
     }
-    Ok(status.status)
+    Ok((status.status, wiped))
 }
 
 /// PID 1 of a new PID namespace, with a private mount namespace and its own /proc.

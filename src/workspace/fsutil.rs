@@ -62,6 +62,9 @@ pub(crate) struct Meta {
     pub dev: u64,
     pub ino: u64,
     pub size: u64,
+    /// Allocated 512-byte blocks (`st_blocks`): what the file really occupies, sparse
+    /// holes excluded.
+    pub blocks: u64,
     pub nlink: u32,
     /// `None` where the kernel does not report mount ids (before 5.8, some sandboxes).
     pub mnt_id: Option<u64>,
@@ -98,6 +101,7 @@ fn statx_raw(dirfd: BorrowedFd<'_>, name: &CStr, flags: libc::c_int) -> Result<M
         | libc::STATX_GID
         | libc::STATX_INO
         | libc::STATX_SIZE
+        | libc::STATX_BLOCKS
         | libc::STATX_NLINK
         | libc::STATX_MNT_ID;
     // SAFETY: valid dirfd, NUL-terminated name and a zeroed out-buffer of the right type.
@@ -127,6 +131,7 @@ fn statx_raw(dirfd: BorrowedFd<'_>, name: &CStr, flags: libc::c_int) -> Result<M
         dev: libc::makedev(st.stx_dev_major, st.stx_dev_minor),
         ino: st.stx_ino,
         size: st.stx_size,
+        blocks: st.stx_blocks,
         nlink: st.stx_nlink,
         mnt_id,
     })
@@ -374,6 +379,75 @@ pub(crate) fn escape_bytes(bytes: &[u8]) -> String {
         }
     }
     out
+}
+
+/// One `getdents64` call on a directory fd into `buf`: the number of bytes filled, 0 at
+/// the end of the directory. The fd's own file position is the stream position, so
+/// reading resumes where the last call stopped and nothing is held in memory between
+/// calls (unlike `readdir`, whose `DIR` buffers ahead).
+pub(crate) fn getdents(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Result<usize, Errno> {
+    loop {
+        // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`, which we own.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_getdents64,
+                fd.as_raw_fd(),
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
+        };
+        match Errno::result(rc) {
+            Ok(n) => return Ok(n as usize),
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The names in a buffer filled by [`getdents`] (`.` and `..` included).
+pub(crate) fn dirent_names(buf: &[u8]) -> impl Iterator<Item = &CStr> {
+    // struct linux_dirent64 { u64 d_ino; i64 d_off; u16 d_reclen; u8 d_type; char d_name[]; }
+    const NAME_AT: usize = 19;
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        let rest = buf.get(at..)?;
+        let reclen = u16::from_ne_bytes(rest.get(16..18)?.try_into().ok()?) as usize;
+        if reclen <= NAME_AT || reclen > rest.len() {
+            return None;
+        }
+        at += reclen;
+        CStr::from_bytes_until_nul(&rest[NAME_AT..reclen]).ok()
+    })
+}
+
+/// `renameat2(RENAME_NOREPLACE)`, or where the kernel lacks it (`EINVAL`/`ENOSYS`) a
+/// check for the target followed by `renameat` (the callers' targets are random names in
+/// a directory no one else writes any more).
+pub(crate) fn rename_noreplace(
+    from_dir: BorrowedFd<'_>,
+    from: &CStr,
+    to_dir: BorrowedFd<'_>,
+    to: &CStr,
+) -> Result<(), Errno> {
+    match fcntl::renameat2(
+        from_dir,
+        from,
+        to_dir,
+        to,
+        fcntl::RenameFlags::RENAME_NOREPLACE,
+    ) {
+        Err(Errno::EINVAL | Errno::ENOSYS) => match stat_at(to_dir, to) {
+            Ok(_) => Err(Errno::EEXIST),
+            Err(Errno::ENOENT) => fcntl::renameat(from_dir, from, to_dir, to),
+            Err(e) => Err(e),
+        },
+        other => other,
+    }
+}
+
+/// Moves a directory fd's stream back to its first entry.
+pub(crate) fn rewind_dir(fd: BorrowedFd<'_>) -> Result<(), Errno> {
+    nix::unistd::lseek(fd, 0, nix::unistd::Whence::SeekSet).map(drop)
 }
 
 /// Duplicates a borrowed fd into an owned one.

@@ -3,7 +3,8 @@
 //! ```text
 //! <root>             root-owned 0755 (fixed at boot if fsGroup or emptyDir loosened it)
 //! ├── workspace/     the tenant's files, owned by the sandbox user, created 0750
-//! └── .supervisor/   root-owned 0700: seed.json, binding.json, tombstone.json, staging-*
+//! └── .supervisor/   root-owned 0700: seed.json, binding.json, tombstone.json,
+//!                    tombstone.reserve (room for the tombstone on a full volume), staging-*
 //! ```
 //!
 //! What is fixed and what is refused: on the first boot (no `.supervisor/` yet) nothing

@@ -31,7 +31,7 @@ pub use wipe::{WipeError, WipeReport};
 
 use fsutil::Meta;
 use nix::errno::Errno;
-use records::{Ownership, BINDING_FILE, SEED_FILE, TOMBSTONE_FILE};
+use records::{Ownership, BINDING_FILE, RESERVE_BYTES, RESERVE_FILE, SEED_FILE, TOMBSTONE_FILE};
 use std::fmt;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -336,6 +336,12 @@ impl Volume {
             pod_uid,
             &inner.sup_s,
         )?;
+        if !matches!(state, BootState::ReleasedNotWiped(_)) {
+            // While no tenant can have filled the volume (or, resuming a binding, in case
+            // an older version bound it): the room the tombstone will need. Here rather
+            // than in `write_binding`, which must stay fast.
+            inner.ensure_reserve();
+        }
         tracing::info!(
             event = "workspace.boot_state",
             state = state_name(&state),
@@ -419,6 +425,8 @@ impl Volume {
                 requested: rec.claim_uid.clone(),
             });
         }
+        // Normally already set aside at boot (then this is one statx).
+        inner.ensure_reserve();
         records::write_record(sup, BINDING_FILE, "binding", rec).map_err(|errno| {
             WorkspaceError::Io {
                 op: "write",
@@ -485,12 +493,15 @@ impl Volume {
             wiped_at_ms: (phase == TombstonePhase::Wiped).then_some(now),
             supervisor_version: env!("CARGO_PKG_VERSION").to_owned(),
         };
-        records::write_record(sup, TOMBSTONE_FILE, "tombstone", &tomb).map_err(|errno| {
-            WorkspaceError::Io {
-                op: "write",
-                path: format!("{}/{TOMBSTONE_FILE}", inner.sup_s),
-                errno,
-            }
+        let mut written = records::write_record(sup, TOMBSTONE_FILE, "tombstone", &tomb);
+        if matches!(written, Err(Errno::ENOSPC | Errno::EDQUOT)) && inner.release_reserve() {
+            // The tenant filled the volume: spend the room set aside at binding time.
+            written = records::write_record(sup, TOMBSTONE_FILE, "tombstone", &tomb);
+        }
+        written.map_err(|errno| WorkspaceError::Io {
+            op: "write",
+            path: format!("{}/{TOMBSTONE_FILE}", inner.sup_s),
+            errno,
         })?;
         tracing::info!(
             event = "tombstone.written",
@@ -526,6 +537,37 @@ fn state_name(s: &BootState) -> &'static str {
 }
 
 impl Inner {
+    /// Creates the tombstone's reserve if it is missing (allocated bytes, durable). A
+    /// failure is logged, not fatal: the release then falls back to wiping under the
+    /// binding record's fence before it writes the tombstone.
+    fn ensure_reserve(&self) {
+        let sup = self.sup_fd.as_fd();
+        let cname = c"tombstone.reserve";
+        if fsutil::stat_at(sup, cname).is_ok_and(|m| m.kind == fsutil::Kind::File) {
+            return;
+        }
+        if let Err(errno) = fsutil::write_durable(sup, RESERVE_FILE, &[0u8; RESERVE_BYTES]) {
+            tracing::warn!(event = "workspace.reserve_failed", path = %format!("{}/{RESERVE_FILE}", self.sup_s), error = %errno, "cannot set space aside for the tombstone; a full volume will delay the tombstone until after the wipe");
+        }
+    }
+
+    /// Frees the reserve (its blocks and its inode); `false` if there was none.
+    fn release_reserve(&self) -> bool {
+        let freed = nix::unistd::unlinkat(
+            self.sup_fd.as_fd(),
+            RESERVE_FILE,
+            nix::unistd::UnlinkatFlags::NoRemoveDir,
+        )
+        .is_ok();
+        if freed {
+            tracing::warn!(
+                event = "tombstone.reserve_used",
+                "the volume is full; writing the tombstone into the space set aside for it"
+            );
+        }
+        freed
+    }
+
     /// `.supervisor/` must still be the directory opened at boot, ours and private.
     fn recheck_supervisor(&self) -> Result<(), WorkspaceError> {
         let fd = fsutil::open_dir_beneath(

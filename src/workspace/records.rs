@@ -22,6 +22,11 @@ pub(crate) const RECORD_FORMAT: u32 = 1;
 pub(crate) const SEED_FILE: &str = "seed.json";
 pub(crate) const BINDING_FILE: &str = "binding.json";
 pub(crate) const TOMBSTONE_FILE: &str = "tombstone.json";
+/// Space (and one inode) set aside while the volume is not full, for the tombstone: a
+/// tenant who fills the volume's bytes or inodes cannot stop the release's first write.
+pub(crate) const RESERVE_FILE: &str = "tombstone.reserve";
+/// Far more than a tombstone needs, on any block size.
+pub(crate) const RESERVE_BYTES: usize = 64 * 1024;
 const MAX_RECORD_BYTES: u64 = 1 << 20;
 
 /// Written last by a successful seed; its presence means "never seed again".

@@ -16,14 +16,25 @@
 //! - Iterative with an explicit stack; at most `max_open_dirs` directory fds are open.
 //!   Closed ancestors are reopened through the child's `..` and must be the same inode as
 //!   before (else a re-descent by name from the root, checked at each step; else stop).
+//! - Memory is bounded whatever the tree's shape: a directory is read one `getdents64`
+//!   buffer at a time and its entries are deleted before more are read (a directory of
+//!   millions of long names never sits in memory); all pending batches together stay under
+//!   [`PENDING_BUDGET`] (over it, the batch of the shallowest directory is dropped and that
+//!   directory is read again from its start when the walk gets back to it); entries that
+//!   cannot be removed are remembered so a re-read never retries them, and past
+//!   [`MAX_LEFT`] of them the wipe stops as failed.
+//! - Whatever is still listed at the end (other than what was reported) fails the wipe: a
+//!   file system that says "removed" but keeps listing the entry is never "fully wiped".
 
-use super::flags::{immutable_action, FlagAction};
+mod bounds;
+mod unflag;
+
 use super::fsutil::{self, Kind, Meta, Resolve};
-use nix::dir::Dir;
 use nix::errno::Errno;
-use nix::fcntl::{self, OFlag};
+
 use nix::sys::stat::Mode;
 use nix::unistd::{unlinkat, UnlinkatFlags};
+use std::collections::HashSet;
 use std::ffi::{CStr, CString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::Instant;
@@ -35,8 +46,9 @@ pub struct WipeReport {
     pub files_removed: u64,
     /// Directories removed.
     pub dirs_removed: u64,
-    /// Sum of the sizes of the regular files unlinked (hardlinked data may survive
-    /// elsewhere; this counts what the workspace held).
+    /// Allocated bytes (`st_blocks` × 512) of the regular files unlinked: a sparse file
+    /// counts what it occupied, not its apparent size. Hardlinked data may survive
+    /// elsewhere; this counts what the workspace held.
     pub bytes_removed: u64,
     /// Mount points found inside the directory (relative paths, escaped), left untouched.
     pub skipped_mounts: Vec<String>,
@@ -58,13 +70,29 @@ pub enum WipeError {
 
 pub(crate) const DEFAULT_MAX_OPEN_DIRS: usize = 128;
 const MAX_RESCANS: u8 = 4;
+const MAX_PASSES: u8 = 64;
 const MAX_ATTEMPTS: usize = 4;
+/// One `getdents64` call's buffer: the largest batch of names read at once.
+const READ_BUFFER: usize = 32 * 1024;
+/// All pending names of all directories on the stack together (bytes, with overhead).
+pub(crate) const PENDING_BUDGET: usize = 4 << 20;
+/// Entries the wipe gives up on before it stops (each is reported and remembered).
+pub(crate) const MAX_LEFT: usize = 1000;
+/// Deepest stack the walk keeps: a directory found deeper is moved up to the wiped root
+/// (see [`Walk::flatten`]) so the frames' memory is bounded however deep the tree.
+pub(crate) const MAX_DEPTH: usize = 1024;
+/// Longest path written into the report (the tail is kept).
+const MAX_REPORT_PATH: usize = 4096;
+/// What a pending name costs beyond its bytes (the boxed slice and allocator rounding).
+const NAME_OVERHEAD: usize = 32;
 
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct WipeOptions {
     pub resolve: Resolve,
     pub max_open_dirs: usize,
     pub can_clear_immutable: bool,
+    /// Bytes of pending names across the stack ([`PENDING_BUDGET`]; smaller in tests).
+    pub pending_budget: usize,
 }
 
 impl WipeOptions {
@@ -73,19 +101,55 @@ impl WipeOptions {
             resolve: Resolve::detect(),
             max_open_dirs: DEFAULT_MAX_OPEN_DIRS,
             can_clear_immutable: fsutil::has_effective_cap(fsutil::CAP_LINUX_IMMUTABLE),
+            pending_budget: PENDING_BUDGET,
         }
     }
 }
 
 struct Frame {
-    dir: Option<Dir>,
+    dir: Option<OwnedFd>,
     /// Name in the parent (empty for the top directory).
     name: CString,
     meta: Meta,
+    /// Names read but not handled yet (one read's worth at most).
     pending: Vec<CString>,
+    pending_bytes: usize,
+    /// The stream reached its end since the directory was opened or rewound.
+    eof: bool,
+    /// A pass over the directory found something to handle (so a rescan may find more).
+    found_in_pass: bool,
+    /// The stream position no longer matches `pending` (its batch was dropped to stay in
+    /// budget): rewind before reading on.
+    rewind: bool,
+    /// Passes over the directory that removed nothing / passes in all.
     rescans: u8,
+    passes: u8,
+    /// `files_removed + dirs_removed` when the current pass started.
+    removed_at_pass: u64,
     /// Something below could not be removed: rescanning would only find it again.
     blocked: bool,
+    /// Names in this directory the wipe gave up on: never handled twice.
+    left: HashSet<CString>,
+}
+
+impl Frame {
+    fn new(dir: OwnedFd, name: CString, meta: Meta) -> Frame {
+        Frame {
+            dir: Some(dir),
+            name,
+            meta,
+            pending: Vec::new(),
+            pending_bytes: 0,
+            eof: false,
+            found_in_pass: false,
+            rewind: false,
+            rescans: 0,
+            passes: 0,
+            removed_at_pass: 0,
+            blocked: false,
+            left: HashSet::new(),
+        }
+    }
 }
 
 enum Step {
@@ -100,6 +164,10 @@ struct Walk {
     opts: WipeOptions,
     report: WipeReport,
     aborted: bool,
+    buf: Vec<u8>,
+    pending_total: usize,
+    left_total: usize,
+    flattened: u64,
 }
 
 /// Removes everything below `root` (an open directory) and keeps `root` itself.
@@ -114,27 +182,18 @@ pub(crate) fn wipe_contents(
         path: label.to_owned(),
         errno,
     })?;
-    let mut dir = Dir::from_fd(root).map_err(|errno| WipeError::Open {
-        path: label.to_owned(),
-        errno,
-    })?;
+    if meta.kind != Kind::Dir {
+        return Err(WipeError::Open {
+            path: label.to_owned(),
+            errno: Errno::ENOTDIR,
+        });
+    }
     if meta.perm & 0o700 != 0o700 {
         // The tenant may have chmod'ed its own top directory; we need rwx to empty it.
-        let _ = nix::sys::stat::fchmod(dir.as_fd(), Mode::from_bits_truncate(meta.perm | 0o700));
+        let _ = nix::sys::stat::fchmod(root.as_fd(), Mode::from_bits_truncate(meta.perm | 0o700));
     }
-    let pending = read_names(&mut dir).map_err(|errno| WipeError::Read {
-        path: label.to_owned(),
-        errno,
-    })?;
     let mut walk = Walk {
-        stack: vec![Frame {
-            dir: Some(dir),
-            name: CString::default(),
-            meta,
-            pending,
-            rescans: 0,
-            blocked: false,
-        }],
+        stack: vec![Frame::new(root, CString::default(), meta)],
         first_open: 1,
         opts: WipeOptions {
             max_open_dirs: opts.max_open_dirs.max(2),
@@ -142,8 +201,20 @@ pub(crate) fn wipe_contents(
         },
         report: WipeReport::default(),
         aborted: false,
+        buf: vec![0u8; READ_BUFFER],
+        pending_total: 0,
+        left_total: 0,
+        flattened: 0,
     };
+    // The first read of the top directory failing means the wipe cannot start at all.
+    if let Err(errno) = walk.read_batch() {
+        return Err(WipeError::Read {
+            path: label.to_owned(),
+            errno,
+        });
+    }
     walk.run();
+    walk.verify_empty();
     let mut report = walk.report;
     report.fully_wiped =
         !walk.aborted && report.skipped.is_empty() && report.skipped_mounts.is_empty();
@@ -165,20 +236,6 @@ pub(crate) fn wipe_contents(
     Ok(report)
 }
 
-fn read_names(dir: &mut Dir) -> Result<Vec<CString>, Errno> {
-    let mut names = Vec::new();
-    for entry in dir.iter() {
-        let entry = entry?;
-        let name = entry.file_name();
-        let bytes = name.to_bytes();
-        if bytes == b"." || bytes == b".." {
-            continue;
-        }
-        names.push(name.to_owned());
-    }
-    Ok(names)
-}
-
 impl Walk {
     fn run(&mut self) {
         while !self.aborted {
@@ -187,25 +244,56 @@ impl Walk {
                 .last_mut()
                 .expect("the stack always holds the top directory");
             if let Some(name) = top.pending.pop() {
+                let cost = name.as_bytes().len() + NAME_OVERHEAD;
+                top.pending_bytes -= cost;
+                self.pending_total -= cost;
                 self.entry(name);
                 continue;
             }
-            if !top.blocked && top.rescans < MAX_RESCANS {
-                // Entries created while we walked (a racing writer) show up here.
-                top.rescans += 1;
-                let dir = top.dir.as_mut().expect("the top frame is open");
-                match read_names(dir) {
-                    Ok(names) if !names.is_empty() => {
-                        top.pending = names;
-                        continue;
-                    }
-                    Ok(_) => {}
-                    Err(errno) => {
-                        top.blocked = true;
-                        let path = self.path(None);
-                        self.skip(path, format!("cannot read directory: {errno}"));
+            let removed = self.report.files_removed + self.report.dirs_removed;
+            // A pass that removed something earns another (a file system whose readdir
+            // positions shift as entries go skips some each pass); one that removed
+            // nothing gets a few (a racing writer), then the directory is done.
+            let progressed = removed != top.removed_at_pass;
+            let rescan = top.eof
+                && top.found_in_pass
+                && !top.blocked
+                && if progressed {
+                    top.passes < MAX_PASSES
+                } else {
+                    top.rescans < MAX_RESCANS
+                };
+            if top.rewind || rescan {
+                // A dropped batch, or a rescan: entries created while we walked (a racing
+                // writer) or skipped by a file system's readdir show up here.
+                if !top.rewind {
+                    top.passes += 1;
+                    if !progressed {
+                        top.rescans += 1;
                     }
                 }
+                top.removed_at_pass = removed;
+                top.rewind = false;
+                let dir = top.dir.as_ref().expect("the top frame is open");
+                if let Err(errno) = fsutil::rewind_dir(dir.as_fd()) {
+                    top.blocked = true;
+                    top.eof = true;
+                    let path = self.path(None);
+                    self.skip(path, format!("cannot rewind directory: {errno}"));
+                    continue;
+                }
+                top.eof = false;
+                top.found_in_pass = false;
+            }
+            if !top.eof {
+                if let Err(errno) = self.read_batch() {
+                    let top = self.stack.last_mut().expect("non-empty stack");
+                    top.blocked = true;
+                    top.eof = true;
+                    let path = self.path(None);
+                    self.skip(path, format!("cannot read directory: {errno}"));
+                }
+                continue;
             }
             if self.stack.len() == 1 {
                 break;
@@ -222,20 +310,29 @@ impl Walk {
             .as_fd()
     }
 
-    /// The path of `name` in the top directory (or of the top directory), escaped.
+    /// The path of `name` in the top directory (or of the top directory), escaped; a path
+    /// longer than [`MAX_REPORT_PATH`] keeps its tail (a 10k-deep tree's path is megabytes).
     fn path(&self, name: Option<&CStr>) -> String {
-        let mut parts: Vec<String> = self.stack[1..]
+        let names = self.stack[1..]
             .iter()
-            .map(|f| fsutil::escape_bytes(f.name.to_bytes()))
-            .collect();
-        if let Some(n) = name {
-            parts.push(fsutil::escape_bytes(n.to_bytes()));
+            .map(|f| f.name.as_c_str())
+            .chain(name);
+        let mut parts: Vec<String> = Vec::new();
+        let mut len = 0;
+        for n in names.rev() {
+            let part = fsutil::escape_bytes(n.to_bytes());
+            len += part.len() + 1;
+            if len > MAX_REPORT_PATH && !parts.is_empty() {
+                parts.push("…".to_owned());
+                break;
+            }
+            parts.push(part);
         }
         if parts.is_empty() {
-            ".".to_owned()
-        } else {
-            parts.join("/")
+            return ".".to_owned();
         }
+        parts.reverse();
+        parts.join("/")
     }
 
     fn skip(&mut self, path: String, why: String) {
@@ -247,12 +344,25 @@ impl Walk {
         let path = self.path(Some(name));
         tracing::warn!(event = "wipe.skipped_mount", path = %path, "mount point inside the wiped directory left untouched");
         self.report.skipped_mounts.push(path);
-        self.block_top();
+        self.give_up(name);
     }
 
-    fn block_top(&mut self) {
-        if let Some(top) = self.stack.last_mut() {
-            top.blocked = true;
+    /// `name` in the top directory stays: remember it (so a re-read never handles it
+    /// again) and stop rescanning the directory. Past [`MAX_LEFT`] the wipe stops.
+    fn give_up(&mut self, name: &CStr) {
+        let Some(top) = self.stack.last_mut() else {
+            return;
+        };
+        top.blocked = true;
+        if top.left.insert(name.to_owned()) {
+            self.left_total += 1;
+        }
+        if self.left_total > MAX_LEFT && !self.aborted {
+            self.aborted = true;
+            self.report.skipped.push((
+                ".".to_owned(),
+                format!("more than {MAX_LEFT} entries could not be removed; stopped"),
+            ));
         }
     }
 
@@ -265,7 +375,7 @@ impl Walk {
                 Err(errno) => {
                     let path = self.path(Some(&name));
                     self.skip(path, format!("cannot stat: {errno}"));
-                    self.block_top();
+                    self.give_up(&name);
                     return;
                 }
             };
@@ -287,10 +397,13 @@ impl Walk {
             path,
             "kept changing while being removed (a concurrent writer?)".to_owned(),
         );
-        self.block_top();
+        self.give_up(&name);
     }
 
     fn enter_dir(&mut self, name: &CStr, meta: &Meta) -> Step {
+        if self.stack.len() >= MAX_DEPTH && self.flatten(name) {
+            return Step::Done;
+        }
         let opened = fsutil::open_dir_beneath(self.top_fd(), name, self.opts.resolve);
         let fd = match opened {
             Ok(fd) => fd,
@@ -305,7 +418,7 @@ impl Walk {
             Err(errno) => {
                 let path = self.path(Some(name));
                 self.skip(path, format!("cannot open directory: {errno}"));
-                self.block_top();
+                self.give_up(name);
                 return Step::Done;
             }
         };
@@ -314,7 +427,7 @@ impl Walk {
             Err(errno) => {
                 let path = self.path(Some(name));
                 self.skip(path, format!("cannot stat opened directory: {errno}"));
-                self.block_top();
+                self.give_up(name);
                 return Step::Done;
             }
         };
@@ -333,32 +446,9 @@ impl Walk {
                 Mode::from_bits_truncate(opened_meta.perm | 0o700),
             );
         }
-        let mut dir = match Dir::from_fd(fd) {
-            Ok(d) => d,
-            Err(errno) => {
-                let path = self.path(Some(name));
-                self.skip(path, format!("cannot read directory: {errno}"));
-                self.block_top();
-                return Step::Done;
-            }
-        };
-        let pending = match read_names(&mut dir) {
-            Ok(p) => p,
-            Err(errno) => {
-                let path = self.path(Some(name));
-                self.skip(path, format!("cannot read directory: {errno}"));
-                self.block_top();
-                return Step::Done;
-            }
-        };
-        self.stack.push(Frame {
-            dir: Some(dir),
-            name: name.to_owned(),
-            meta: opened_meta,
-            pending,
-            rescans: 0,
-            blocked: false,
-        });
+        let mut frame = Frame::new(fd, name.to_owned(), opened_meta);
+        frame.removed_at_pass = self.report.files_removed + self.report.dirs_removed;
+        self.stack.push(frame);
         self.enforce_fd_budget();
         Step::Done
     }
@@ -386,7 +476,7 @@ impl Walk {
                     path,
                     format!("directory not readable and not fixable: {errno}"),
                 );
-                self.block_top();
+                self.give_up(name);
                 Step::Done
             }
         }
@@ -397,7 +487,7 @@ impl Walk {
             Ok(()) => {
                 self.report.files_removed += 1;
                 if meta.kind == Kind::File {
-                    self.report.bytes_removed += meta.size;
+                    self.report.bytes_removed += meta.blocks.saturating_mul(512);
                 }
                 Step::Done
             }
@@ -426,84 +516,15 @@ impl Walk {
                 }
                 let path = self.path(Some(name));
                 self.skip(path, "permission denied".to_owned());
-                self.block_top();
+                self.give_up(name);
                 Step::Done
             }
             Err(errno) => {
                 let path = self.path(Some(name));
                 self.skip(path, format!("cannot unlink: {errno}"));
-                self.block_top();
+                self.give_up(name);
                 Step::Done
             }
-        }
-    }
-
-    /// `EPERM` from `unlinkat`: an immutable or append-only flag on the parent directory or
-    /// on the entry. Cleared only with `CAP_LINUX_IMMUTABLE`; otherwise fail closed.
-    fn unflag(&mut self, name: &CStr, meta: &Meta) -> Step {
-        let can_clear = self.opts.can_clear_immutable;
-        // The parent directory first: its flag blocks every unlink inside it.
-        if let Ok(flags) = fsutil::get_inode_flags(self.top_fd()) {
-            match immutable_action(flags, can_clear) {
-                FlagAction::NotFlagged => {}
-                FlagAction::Clear(new) => {
-                    return match fsutil::set_inode_flags(self.top_fd(), new) {
-                        Ok(()) => {
-                            let path = self.path(None);
-                            tracing::info!(event = "wipe.cleared_flag", path = %path, "cleared immutable/append-only flag on a directory");
-                            Step::Retry
-                        }
-                        Err(errno) => self.flag_failure(None, format!("immutable or append-only directory; clearing the flag failed: {errno}")),
-                    };
-                }
-                FlagAction::FailClosed => {
-                    return self.flag_failure(None, "immutable or append-only directory and no CAP_LINUX_IMMUTABLE: left in place (clear it with chattr -ia from a privileged context)".to_owned());
-                }
-            }
-        }
-        if !matches!(meta.kind, Kind::File | Kind::Dir) {
-            return self.flag_failure(Some(name), "cannot unlink: EPERM".to_owned());
-        }
-        let entry_flags = (|| {
-            let opath = fsutil::open_path_nofollow(self.top_fd(), name)?;
-            let m = fsutil::stat_fd(opath.as_fd())?;
-            if !m.same_object(meta) || m.kind != meta.kind {
-                return Err(Errno::EAGAIN);
-            }
-            let fd = fsutil::reopen(opath.as_fd(), OFlag::O_RDONLY)?;
-            let flags = fsutil::get_inode_flags(fd.as_fd())?;
-            Ok((fd, flags))
-        })();
-        match entry_flags {
-            Err(Errno::EAGAIN) => Step::Retry,
-            Err(errno) => self.flag_failure(Some(name), format!("cannot unlink (EPERM) and cannot read its flags: {errno}")),
-            Ok((fd, flags)) => match immutable_action(flags, can_clear) {
-                FlagAction::NotFlagged => self.flag_failure(Some(name), "cannot unlink: EPERM".to_owned()),
-                FlagAction::Clear(new) => match fsutil::set_inode_flags(fd.as_fd(), new) {
-                    Ok(()) => {
-                        let path = self.path(Some(name));
-                        tracing::info!(event = "wipe.cleared_flag", path = %path, "cleared immutable/append-only flag");
-                        Step::Retry
-                    }
-                    Err(errno) => self.flag_failure(Some(name), format!("immutable or append-only; clearing the flag failed: {errno}")),
-                },
-                FlagAction::FailClosed => self.flag_failure(Some(name), "immutable or append-only and no CAP_LINUX_IMMUTABLE: left in place (clear it with chattr -ia from a privileged context)".to_owned()),
-            },
-        }
-    }
-
-    fn flag_failure(&mut self, name: Option<&CStr>, why: String) -> Step {
-        let path = self.path(name);
-        self.skip(path, why);
-        self.block_top();
-        Step::Done
-    }
-
-    fn enforce_fd_budget(&mut self) {
-        let open = 1 + self.stack.len() - self.first_open;
-        if open > self.opts.max_open_dirs && self.first_open < self.stack.len() - 1 {
-            self.stack[self.first_open].dir = None;
-            self.first_open += 1;
         }
     }
 
@@ -514,7 +535,14 @@ impl Walk {
         if self.stack[parent_idx].dir.is_none() {
             match self.reopen_parent(&child, parent_idx) {
                 Some(dir) => {
-                    self.stack[parent_idx].dir = Some(dir);
+                    // A new fd reads from the start: entries handled before are gone or
+                    // remembered in `left`, so reading it again only finds the rest.
+                    let parent = &mut self.stack[parent_idx];
+                    parent.dir = Some(dir);
+                    parent.eof = false;
+                    parent.found_in_pass = false;
+                    parent.removed_at_pass = self.report.files_removed + self.report.dirs_removed;
+                    parent.rewind = false;
                     self.first_open = parent_idx.max(1);
                 }
                 None => {
@@ -552,7 +580,7 @@ impl Walk {
                                 .to_owned(),
                         );
                     }
-                    self.block_top();
+                    self.give_up(&child.name);
                 }
                 Err(Errno::EBUSY) => self.skip_mount(&child.name),
                 Err(Errno::EPERM) if !tried_unflag => {
@@ -564,40 +592,10 @@ impl Walk {
                 Err(errno) => {
                     let path = self.path(Some(&child.name));
                     self.skip(path, format!("cannot remove directory: {errno}"));
-                    self.block_top();
+                    self.give_up(&child.name);
                 }
             }
             break;
         }
-    }
-
-    /// Reopens a closed ancestor: through the child's `..` (one syscall), which must be the
-    /// same inode we held; otherwise by name from the root frame, checked at every step.
-    fn reopen_parent(&self, child: &Frame, parent_idx: usize) -> Option<Dir> {
-        let want = self.stack[parent_idx].meta;
-        if let Some(child_dir) = child.dir.as_ref() {
-            if let Ok(fd) = fcntl::openat(
-                child_dir.as_fd(),
-                c"..",
-                OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-                Mode::empty(),
-            ) {
-                if fsutil::stat_fd(fd.as_fd()).is_ok_and(|m| m.same_object(&want)) {
-                    return Dir::from_fd(fd).ok();
-                }
-            }
-        }
-        let root = self.stack[0].dir.as_ref()?;
-        let mut current = fsutil::dup(root.as_fd()).ok()?;
-        for frame in &self.stack[1..=parent_idx] {
-            let fd =
-                fsutil::open_dir_beneath(current.as_fd(), &frame.name, self.opts.resolve).ok()?;
-            let m = fsutil::stat_fd(fd.as_fd()).ok()?;
-            if !m.same_object(&frame.meta) {
-                return None;
-            }
-            current = fd;
-        }
-        Dir::from_fd(current).ok()
     }
 }
