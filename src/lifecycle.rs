@@ -196,7 +196,11 @@ pub async fn run(
             v.set_pod_uid(non_empty(&m.pod.uid).map(str::to_owned));
             Arc::new(v)
         }
-        Err(e) => return m.refuse("layout", &e.to_string()),
+        // A damaged `.supervisor/` is tampering, not a layout problem of the template.
+        Err(e) => {
+            let r = e.into_refusal();
+            return m.refuse(r.reason.as_str(), &r.to_string());
+        }
     };
     let boot = match volume.boot_state(non_empty(&m.pod.uid)) {
         Ok(b) => b,

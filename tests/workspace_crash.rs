@@ -314,7 +314,7 @@ async fn tampered_records_refuse_with_the_right_reason() {
                 std::fs::rename(s, &real).unwrap();
                 std::os::unix::fs::symlink(".supervisor-real", s).unwrap();
             }),
-            "layout",
+            "tampered_record",
         ),
     ];
     for (what, tamper, want) in cases {
