@@ -23,7 +23,10 @@ use crate::proto;
 use crate::relay::channel::GatewayChannel;
 use crate::relay::{self, GatewayEndpoint, Relay, RelayEnd};
 use crate::telemetry::{self, logs, Telemetry};
-use crate::workspace::{self, BootState, Owner, SeedSource, TombstonePhase, Volume, VolumeConfig};
+use crate::workspace::{self, BootState, Owner, SeedSource, Volume, VolumeConfig};
+
+mod retire;
+use retire::{retire, tombstone_and_wipe};
 
 /// Documented exit codes (README "Exit codes").
 pub mod exit {
@@ -402,7 +405,7 @@ pub async fn run(
         output_budget: m.cfg.output_budget,
         spawn_timeout: m.cfg.spawn_timeout,
         hardening: crate::exec::spawn::Hardening {
-            max_processes: workload_process_cap(m.cfg.max_workload_processes),
+            max_processes: pid1::workload_process_cap(m.cfg.max_workload_processes),
             oom_score_adj: Some(m.cfg.session_oom_score_adj),
         },
     };
@@ -513,139 +516,6 @@ pub async fn run(
     }
     m.transition(State::Released, &reason);
     exit::RELEASED
-}
-
-/// Release without a workload (a restart after a crash): `released` tombstone, wipe,
-/// `wiped` tombstone. Failures are logged; returns whether the workspace was wiped.
-async fn retire(volume: &Arc<Volume>, telemetry: &Telemetry, pod_uid: &str) -> bool {
-    tombstone_and_wipe(volume, telemetry, non_empty(pod_uid))
-        .await
-        .error
-        .is_empty()
-}
-
-/// The end of a tenant's files, on every path that retires them: the `released`
-/// tombstone, the wipe, the `wiped` tombstone. The tombstone normally goes first (the
-/// workspace reserves room for it; see `Volume::write_tombstone`). If it still cannot be
-/// written the wipe goes ahead anyway, with the binding record as the fence (a restart
-/// may only resume that same claim, never take a second one), and the tombstone is
-/// written once the wipe has made room. Any failure is in `report.error`.
-async fn tombstone_and_wipe(
-    volume: &Arc<Volume>,
-    telemetry: &Telemetry,
-    pod_uid: Option<&str>,
-) -> proto::ReleaseReport {
-    let fenced = match volume.write_tombstone(TombstonePhase::Released, pod_uid) {
-        Ok(()) => true,
-        Err(e) => {
-            tracing::error!(event = "release.tombstone_failed", error = %e, "cannot write the tombstone before the wipe; wiping anyway (the binding record stays the fence) and writing it after");
-            false
-        }
-    };
-    let mut report = wipe(volume, telemetry).await;
-    let phase = if report.error.is_empty() {
-        TombstonePhase::Wiped
-    } else {
-        TombstonePhase::Released
-    };
-    if phase == TombstonePhase::Wiped || !fenced {
-        if let Err(e) = volume.write_tombstone(phase, pod_uid) {
-            let what = format!("cannot write the {} tombstone: {e}", phase.as_str());
-            tracing::error!(event = "release.tombstone_failed", error = %e, "{what}");
-            report.error = if report.error.is_empty() {
-                what
-            } else {
-                format!("{}; {what}", report.error)
-            };
-        }
-    }
-    report
-}
-
-async fn wipe(volume: &Arc<Volume>, telemetry: &Telemetry) -> proto::ReleaseReport {
-    // Marks the start so operators (and the crash tests) can tell a wipe in progress.
-    tracing::info!(event = "wipe.started", workspace = %volume.workspace_dir().display(), "wiping the workspace");
-    let v = volume.clone();
-    let result = tokio::task::spawn_blocking(move || v.wipe()).await;
-    let mut report = proto::ReleaseReport::default();
-    match result {
-        Ok(Ok(w)) => {
-            telemetry
-                .metrics
-                .wipe_duration_seconds
-                .set(w.duration_ms as f64 / 1000.0);
-            report.files_removed = w.files_removed;
-            report.bytes_removed = w.bytes_removed;
-            report.skipped_mounts = w.skipped_mounts.clone();
-            // A mount point is another file system, not tenant data on this volume: it is
-            // reported in `skipped_mounts` and dies with the pod's mount namespace. Anything
-            // else left behind means the wipe did not finish.
-            if !w.skipped.is_empty() || (!w.fully_wiped && w.skipped_mounts.is_empty()) {
-                const SHOWN: usize = 10;
-                let mut listed: Vec<String> = w
-                    .skipped
-                    .iter()
-                    .take(SHOWN)
-                    .map(|(p, why)| format!("{p}: {why}"))
-                    .collect();
-                if w.skipped.len() > SHOWN {
-                    listed.push(format!("and {} more", w.skipped.len() - SHOWN));
-                }
-                report.error = format!("not everything could be removed: {}", listed.join("; "));
-                tracing::error!(
-                    event = "wipe.failed",
-                    files = w.files_removed,
-                    bytes = w.bytes_removed,
-                    left = w.skipped.len(),
-                    skipped_mounts = w.skipped_mounts.len(),
-                    duration_ms = w.duration_ms,
-                    error = %report.error,
-                    "the wipe left tenant files behind"
-                );
-            } else {
-                tracing::info!(
-                    event = "wipe.completed",
-                    files = w.files_removed,
-                    bytes = w.bytes_removed,
-                    skipped_mounts = w.skipped_mounts.len(),
-                    duration_ms = w.duration_ms,
-                    "workspace wiped"
-                );
-            }
-        }
-        Ok(Err(e)) => {
-            tracing::error!(event = "wipe.failed", error = %e, "wipe failed");
-            report.error = e.to_string();
-        }
-        Err(e) => {
-            report.error = format!("wipe task failed: {e}");
-            tracing::error!(event = "wipe.failed", error = %report.error, "wipe failed");
-        }
-    }
-    report
-}
-
-/// The sandbox user's RLIMIT_NPROC (0: none), logged once with where it came from.
-fn workload_process_cap(cap: crate::config::ProcessCap) -> u64 {
-    use crate::config::ProcessCap;
-    let limit = pid1::pids_limit();
-    let (n, source) = match cap {
-        ProcessCap::Limit(n) => (n, "--max-workload-processes"),
-        ProcessCap::None => (0, "--max-workload-processes 0"),
-        ProcessCap::Auto => match limit {
-            Some(l) => (
-                l.saturating_sub(pid1::SUPERVISOR_PIDS_RESERVE).max(1),
-                "the container's pids limit less the supervisor's reserve",
-            ),
-            None => (0, "no pids limit found"),
-        },
-    };
-    if n == 0 {
-        tracing::warn!(event = "exec.process_limit", limit = 0, pids_limit = ?limit, source, guarantee = "weaker: the workload may take every pid the container has; the supervisor needs no new thread to keep serving, but new sessions fail until pids free up", "sessions get no process cap");
-    } else {
-        tracing::info!(event = "exec.process_limit", limit = n, pids_limit = ?limit, source, "sessions run under RLIMIT_NPROC");
-    }
-    n
 }
 
 fn seed_source(cfg: &RunConfig) -> SeedSource {

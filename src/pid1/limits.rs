@@ -40,6 +40,29 @@ pub fn pids_limit() -> Option<u64> {
     best
 }
 
+/// The sandbox user's RLIMIT_NPROC (0: none), logged once with where it came from.
+pub fn workload_process_cap(cap: crate::config::ProcessCap) -> u64 {
+    use crate::config::ProcessCap;
+    let limit = pids_limit();
+    let (n, source) = match cap {
+        ProcessCap::Limit(n) => (n, "--max-workload-processes"),
+        ProcessCap::None => (0, "--max-workload-processes 0"),
+        ProcessCap::Auto => match limit {
+            Some(l) => (
+                l.saturating_sub(SUPERVISOR_PIDS_RESERVE).max(1),
+                "the container's pids limit less the supervisor's reserve",
+            ),
+            None => (0, "no pids limit found"),
+        },
+    };
+    if n == 0 {
+        tracing::warn!(event = "exec.process_limit", limit = 0, pids_limit = ?limit, source, guarantee = "weaker: the workload may take every pid the container has; the supervisor needs no new thread to keep serving, but new sessions fail until pids free up", "sessions get no process cap");
+    } else {
+        tracing::info!(event = "exec.process_limit", limit = n, pids_limit = ?limit, source, "sessions run under RLIMIT_NPROC");
+    }
+    n
+}
+
 fn read_limit(file: &Path) -> Option<u64> {
     std::fs::read_to_string(file).ok()?.trim().parse().ok()
 }

@@ -12,7 +12,7 @@ pub use residency::drop_clean_code;
 mod signals;
 mod tree;
 
-pub use limits::{pids_limit, OomProtection, SUPERVISOR_PIDS_RESERVE};
+pub use limits::{pids_limit, workload_process_cap, OomProtection, SUPERVISOR_PIDS_RESERVE};
 pub use reaper::{ExitInfo, PendingSpawn, Reaper};
 pub use signals::{ExternalSignal, SignalIntake};
 pub use tree::{descendants, kill_workload, Scope};
