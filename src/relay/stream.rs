@@ -63,6 +63,8 @@ pub fn attach(
 /// How the gateway's side of a session stream ended.
 enum DownEnd {
     Closed,
+    /// The gateway answered the call itself with an error status: nothing was served.
+    Refused,
     /// The gateway attached another stream of this session in place of this one.
     Superseded(String),
     /// A frame past the message limit: the stream cannot be read any further.
@@ -93,16 +95,22 @@ async fn serve(
     let Ok(req) = authed(ReceiverStream::new(rx), &creds.token()) else {
         return;
     };
-    let mut down = match client(channel.clone()).session(req).await {
-        Ok(resp) => resp.into_inner(),
-        Err(status) => {
-            tracing::debug!(event = "relay.session_stream_failed", session_id = %session.id, code = ?status.code(), error = status.message(), "session stream could not be opened");
-            return;
-        }
-    };
-
+    // The call's future resolves only when the gateway's response headers arrive, and
+    // grpcio, grpc-go and grpc-java send those lazily, with their first message. A
+    // gateway that waits for output before sending anything would never see any if
+    // output waited for the call: so output streams from the moment the request is
+    // out (hyper drives the request body on its own), and only the down side waits.
+    let mut grpc = client(channel.clone());
+    let call = grpc.session(req);
     let sender = send_output(&tx, &session, stdout_from, stderr_from, &telemetry);
     let receiver = async {
+        let mut down = match call.await {
+            Ok(resp) => resp.into_inner(),
+            Err(status) => {
+                tracing::debug!(event = "relay.session_stream_failed", session_id = %session.id, code = ?status.code(), error = status.message(), "session stream could not be opened");
+                return DownEnd::Refused;
+            }
+        };
         // Stdin waits for the process to read it, but an Ack queued behind it may be
         // what the process is waiting for (its output buffer is full): so frames keep
         // being read while stdin waits, stdin is held here in order, and everything
@@ -173,7 +181,7 @@ async fn serve(
         end = &mut receiver => end,
     };
     let notice = match end {
-        DownEnd::Closed => return,
+        DownEnd::Closed | DownEnd::Refused => return,
         DownEnd::Superseded(detail) => {
             // The gateway orders a session's streams by when their Attach arrived, not
             // by when they were opened: a stale stream (opened before a reconnect, its
