@@ -417,3 +417,51 @@ async fn half_open_connection_is_detected_and_replaced() {
         .unwrap();
     assert_eq!(out.stdout, b"fine\n");
 }
+
+/// Between `Release` and the report the control stream is still served: an
+/// `OpenSession` or `AttachSession` sent meanwhile is answered `failed{UNAVAILABLE}`
+/// at once, and the release still ends with its report and exit 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_asked_for_during_the_release_is_refused() {
+    use sandbox_supervisor::proto::{self, gateway_message::Msg};
+    let env = Env::new("release-open").await;
+    let (mut sup, sandbox) = env.bound(launch()).await;
+    // Ignores SIGTERM, so the release waits out its grace and is under way meanwhile.
+    let slow = sandbox.exec(sh("trap '' TERM; sleep 30")).await.unwrap();
+    let release = proto::GatewayMessage {
+        msg: Some(Msg::Release(proto::Release {
+            reason: "test".into(),
+            grace_ms: 3000,
+        })),
+    };
+    sandbox.send_control_raw(release).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let t0 = Instant::now();
+    let opened = tokio::time::timeout(Duration::from_secs(5), sandbox.exec(spec(&["true"])))
+        .await
+        .expect("no answer to an OpenSession sent during the release");
+    let Err(err) = opened else {
+        panic!("a session opened during the release");
+    };
+    assert_eq!(err.code, proto::ErrorCode::Unavailable, "{err}");
+    assert!(err.message.contains("releasing"), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    let err = sandbox
+        .attach_raw(slow.session_id(), 0, 0, Duration::from_secs(2))
+        .await
+        .unwrap()
+        .expect("no answer to an AttachSession sent during the release");
+    assert_eq!(err.code, proto::ErrorCode::Unavailable, "{err}");
+
+    assert_eq!(
+        sup.wait_exit(Duration::from_secs(30)),
+        Some(0),
+        "{}",
+        sup.logs()
+    );
+    let st = sandbox
+        .release("test", Duration::ZERO, Duration::from_secs(1))
+        .await;
+    assert!(st.unwrap().is_some(), "no release report");
+}

@@ -75,7 +75,7 @@ impl ExecError {
             }
             DuplicateSession { .. } => ErrorCode::AlreadyExists,
             TooManySessions { .. } => ErrorCode::ResourceExhausted,
-            Releasing => ErrorCode::FailedPrecondition,
+            Releasing => ErrorCode::Unavailable,
             Spawn { source, .. } | SpawnStep { source, .. } => match source.raw_os_error() {
                 Some(libc::ENOENT) => ErrorCode::NotFound,
                 Some(libc::EACCES) | Some(libc::EPERM) => ErrorCode::PermissionDenied,
