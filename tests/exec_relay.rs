@@ -465,3 +465,45 @@ async fn a_session_asked_for_during_the_release_is_refused() {
         .await;
     assert!(st.unwrap().is_some(), "no release report");
 }
+
+/// `PERMISSION_DENIED` on a `Session` stream refuses that stream only: the session
+/// runs on and the supervisor stays bound. The claim's end is Connect's answer (or
+/// RefreshSandboxToken's), never a session stream's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permission_denied_on_a_session_stream_is_not_a_release() {
+    let env = Env::new("deny-session").await;
+    let (mut sup, sandbox) = env.bound(launch()).await;
+    let exec = sandbox.exec(sh("sleep 30")).await.unwrap();
+    // From now on the gateway refuses new streams with PERMISSION_DENIED.
+    env.gateway.revoke(sandbox.claim_uid());
+    let _ = sandbox
+        .attach_raw(exec.session_id(), 0, 0, Duration::from_millis(200))
+        .await;
+    let refused = async {
+        loop {
+            let hit = sup.events().into_iter().any(|e| {
+                let ev = e["event"].as_str().unwrap_or_default();
+                ev.starts_with("relay.session_stream_") && e["code"] == "PermissionDenied"
+            });
+            if hit {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(T, refused)
+        .await
+        .unwrap_or_else(|_| panic!("the session stream was not refused\n{}", sup.logs()));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(sup.wait_exit(Duration::ZERO), None, "{}", sup.logs());
+    assert!(
+        !sup.events().iter().any(|e| e["to"] == "releasing"),
+        "{}",
+        sup.logs()
+    );
+    assert!(!live_named(sup.host_pid(), "sleep").is_empty(), "the session died");
+
+    // Connect's PERMISSION_DENIED is the claim's end: release, wipe, exit 0.
+    env.gateway.drop_relay(sandbox.id());
+    assert_eq!(sup.wait_exit(Duration::from_secs(30)), Some(0), "{}", sup.logs());
+}
