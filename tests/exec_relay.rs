@@ -137,6 +137,8 @@ async fn a_stale_stream_that_displaces_the_newest_one_is_recovered() {
             stdout_offset: 0,
             stderr_offset: 0,
             stdin_offset: Some(0),
+            // A stream from a supervisor that sends no generation: ordered by arrival.
+            generation: 0,
         })),
     };
     let req = authed(tokio_stream::iter(vec![attach]), &token).unwrap();
@@ -157,6 +159,68 @@ async fn a_stale_stream_that_displaces_the_newest_one_is_recovered() {
     assert_eq!(out.stdout, b"got late\n", "{out:?}");
     assert_eq!(out.exit.status, 0);
     assert!(sup.has_event("session.stream_superseded"), "{}", sup.logs());
+}
+
+/// With the attach generation the gateway tells a stale stream from the newest one
+/// itself: a late `Attach` with an older generation is refused (`ABORTED`) and never
+/// displaces the session's stream, so the supervisor has nothing to recover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_stream_with_an_older_generation_is_refused_by_the_gateway() {
+    use sandbox_supervisor::proto::{self, session_up};
+    use sandbox_supervisor::relay::{authed, GatewayEndpoint};
+    let env = Env::new("stale-gen").await;
+    env.gateway.record_minted_tokens();
+    let (sup, sandbox) = env.bound_with(launch(), &[]).await;
+    let mut s = sh("read line; echo \"got $line\"");
+    s.stdin = true;
+    let exec = sandbox.exec(s).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let token = env.gateway.minted_tokens().pop().unwrap();
+    let endpoint = GatewayEndpoint::new(env.endpoint(), env.ca.clone(), None, None, None);
+    let attach = proto::SessionUp {
+        msg: Some(session_up::Msg::Attach(proto::Attach {
+            session_id: exec.session_id().to_owned(),
+            stdout_offset: 0,
+            stderr_offset: 0,
+            stdin_offset: Some(0),
+            // The generation of the supervisor's first stream, long replaced.
+            generation: 1,
+        })),
+    };
+    // The re-attach after this drop gets a larger generation than the first stream.
+    env.gateway.drop_relay(sandbox.id());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let req = authed(tokio_stream::iter(vec![attach]), &token).unwrap();
+    let mut stale = endpoint
+        .client()
+        .unwrap()
+        .session(req)
+        .await
+        .unwrap()
+        .into_inner();
+    let refused = loop {
+        match stale.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => break None,
+            Err(status) => break Some(status),
+        }
+    };
+    let status = refused.expect("the stale stream was taken");
+    assert_eq!(status.code(), tonic::Code::Aborted, "{status:?}");
+    assert!(status.message().contains("generation"), "{status:?}");
+
+    exec.write_stdin("late\n".into()).await.unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(10), exec.collect())
+        .await
+        .unwrap_or_else(|_| panic!("the session was left without a stream\n{}", sup.logs()))
+        .unwrap();
+    assert_eq!(out.stdout, b"got late\n", "{out:?}");
+    assert!(
+        !sup.has_event("session.stream_superseded"),
+        "{}",
+        sup.logs()
+    );
 }
 
 /// 256 MiB (SSV_REPLAY_MIB) of verifiable output while the relay is dropped 20 times at
@@ -501,9 +565,17 @@ async fn permission_denied_on_a_session_stream_is_not_a_release() {
         "{}",
         sup.logs()
     );
-    assert!(!live_named(sup.host_pid(), "sleep").is_empty(), "the session died");
+    assert!(
+        !live_named(sup.host_pid(), "sleep").is_empty(),
+        "the session died"
+    );
 
     // Connect's PERMISSION_DENIED is the claim's end: release, wipe, exit 0.
     env.gateway.drop_relay(sandbox.id());
-    assert_eq!(sup.wait_exit(Duration::from_secs(30)), Some(0), "{}", sup.logs());
+    assert_eq!(
+        sup.wait_exit(Duration::from_secs(30)),
+        Some(0),
+        "{}",
+        sup.logs()
+    );
 }

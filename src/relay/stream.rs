@@ -2,6 +2,7 @@
 //! applies what the gateway sends down (stdin, resize, signals, acks).
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -42,11 +43,14 @@ pub fn attach(
     notice: Option<proto::Error>,
 ) {
     session.ack(stdout_from, stderr_from);
+    // Taken here, in attach order, so a later attach always carries a larger one.
+    let generation = NEXT_GENERATION.fetch_add(1, Ordering::Relaxed);
     let task = tokio::spawn(serve(
         channel,
         creds,
         session.clone(),
         (stdout_from, stderr_from),
+        generation,
         telemetry,
         notice,
     ));
@@ -59,6 +63,11 @@ pub fn attach(
         prev.abort();
     }
 }
+
+/// The next `Attach.generation`: one counter for every stream of this process, so it
+/// increases per session too (sessions never outlive the process). Starts at 1; 0
+/// means "not sent".
+static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
 
 /// How the gateway's side of a session stream ended.
 enum DownEnd {
@@ -76,6 +85,7 @@ async fn serve(
     creds: SandboxCredentials,
     session: Arc<Session>,
     (stdout_from, stderr_from): (u64, u64),
+    generation: u64,
     telemetry: Arc<Telemetry>,
     notice: Option<proto::Error>,
 ) {
@@ -87,6 +97,7 @@ async fn serve(
         // Read before the stream opens: a later value would only be higher, and the
         // gateway's resend from a lower one is deduplicated by offset.
         stdin_offset: Some(session.stdin_accepted().offset),
+        generation,
     };
     let _ = tx.send(up(session_up::Msg::Attach(first))).await;
     if let Some(e) = notice {
