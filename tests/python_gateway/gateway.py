@@ -262,7 +262,7 @@ class Servicer(pb_grpc.GatewayServicer):
         ).start()
         yield from frames
         yield from drain(out, context, gw.heartbeat_ms / 1000,
-                         lambda: pb.GatewayMessage(heartbeat=pb.Heartbeat()))
+                         None if gw.silent else lambda: pb.GatewayMessage(heartbeat=pb.Heartbeat()))
 
     def _read_control(self, sb, request_iterator, out):
         gw = self.gw
@@ -278,8 +278,10 @@ class Servicer(pb_grpc.GatewayServicer):
                         if s is not None:
                             if which == "started":
                                 s.started, s.pid = True, ev.started.pid
-                            elif which == "failed":
+                            elif which == "failed" and not s.started:
                                 s.failed = ev.failed
+                            # (a failed for a started session refused a duplicate
+                            # OpenSession or a re-attach: the session itself is fine)
                             elif which == "exited":
                                 s.control_exit = ev.exited
                     elif kind == "release_report":
@@ -413,6 +415,7 @@ class Gateway:
         self.heartbeat_ms = heartbeat_ms
         self.token_ttl = token_ttl
         self.auto_forget = True
+        self.silent = False  # test hook: no heartbeats on control streams
         self.cond = threading.Condition()
         self.lock = self.cond
         self.pods = {}
@@ -494,17 +497,28 @@ class Gateway:
 
     # -- sessions -----------------------------------------------------------------
 
-    def open(self, sb, argv, *, tty=None, stdin=False, env=None, cwd="", user="", timeout_ms=0):
+    def open(self, sb, argv, *, tty=None, stdin=False, env=None, cwd="", user="", timeout_ms=0,
+             sid=None):
         """Sends OpenSession; returns the Session once Started or Failed arrived."""
-        sid = f"py-{secrets.token_hex(6)}"
+        sid = sid or f"py-{secrets.token_hex(6)}"
         spec = pb.ExecSpec(argv=argv, env=env or {}, cwd=cwd, user=user, stdin=stdin,
                            timeout_ms=timeout_ms)
         if tty is not None:
             spec.tty.CopyFrom(pb.Tty(cols=tty[0], rows=tty[1]))
         s = Session(sid, spec)
         with self.cond:
-            sb.sessions[sid] = s
+            existing = sb.sessions.setdefault(sid, s)
+            seen = len(sb.events)
         self.send_control(sb, open_session=pb.OpenSession(session_id=sid, spec=spec))
+        if existing is not s:
+            # A duplicate id: its answer is the first event for the id from now on.
+            ev = self.wait(f"the answer to a second OpenSession {sid}", lambda: next(
+                (m.session_event for m in sb.events[seen:]
+                 if m.WhichOneof("msg") == "session_event"
+                 and m.session_event.session_id == sid), None))
+            s.failed = ev.failed if ev.WhichOneof("event") == "failed" else None
+            s.started = ev.WhichOneof("event") == "started"
+            return s
         self.wait(f"session {sid} to start", lambda: s.started or s.failed is not None)
         return s
 

@@ -199,3 +199,133 @@ def test_a_restart_whose_claim_is_gone_wipes_and_refuses(pod_factory, gateway_fa
     assert os.path.exists(pod.volume / ".supervisor/tombstone.json")
     refused = again.events("reuse.refused")
     assert refused and refused[0]["reason"] == "gateway_refused", again.logs()
+
+
+def test_the_session_error_table(pod_factory, gateway_factory):
+    pod, gw, sup, sb = bound(pod_factory, gateway_factory, "errors")
+    (pod.volume / "workspace/plain.txt").write_text("no shebang\n")
+    os.chmod(pod.volume / "workspace/plain.txt", 0o755)
+    refused = {
+        "missing program": (["no-such-program"], {}, pb.ERROR_CODE_NOT_FOUND),
+        "not executable": (["/etc/passwd"], {}, pb.ERROR_CODE_PERMISSION_DENIED),
+        "no #!": (["./plain.txt"], {}, pb.ERROR_CODE_FAILED_PRECONDITION),
+        "bad cwd": (["true"], {"cwd": "no/such/dir"}, pb.ERROR_CODE_INVALID_ARGUMENT),
+        "unknown user": (["true"], {"user": "no-such-user"}, pb.ERROR_CODE_NOT_FOUND),
+        "root refused": (["true"], {"user": "root"}, pb.ERROR_CODE_PERMISSION_DENIED),
+        "empty argv": ([], {}, pb.ERROR_CODE_INVALID_ARGUMENT),
+        "bad tty": (["true"], {"tty": (0, 24)}, pb.ERROR_CODE_INVALID_ARGUMENT),
+        "bad id": (["true"], {"sid": "bad id!"}, pb.ERROR_CODE_INVALID_ARGUMENT),
+    }
+    for what, (argv, kw, code) in refused.items():
+        s = gw.open(sb, argv, **kw)
+        assert s.failed is not None and s.failed.code == code, (what, s.failed)
+        assert s.failed.message, what
+
+    running = gw.open(sb, ["sleep", "30"], stdin=False)
+    dup = gw.open(sb, ["true"], sid=running.id)
+    assert dup.failed.code == pb.ERROR_CODE_ALREADY_EXISTS, dup.failed
+
+    # Refused frames: the stream and the session go on.
+    gw.write_stdin(running, b"x")  # stdin=false: closed from the start
+    gw.down(running, resize=pb.Resize(cols=80, rows=24))  # no terminal
+    gw.wait("two refusals", lambda: len(running.errors) >= 2)
+    assert [e.code for e in running.errors] == [pb.ERROR_CODE_FAILED_PRECONDITION] * 2
+    assert running.stdin_closed  # the first StdinAck already said eof
+    gw.forget(sb, running)
+    # Forgetting a running session kills it: no Exited on its stream, the exit comes
+    # on the control stream.
+    gw.wait("the killed session's exit", lambda: running.control_exit)
+    assert running.control_exit.signal == signal.SIGKILL and running.exit is None
+
+    # An unknown session cannot be attached.
+    gw.send_control(sb, attach_session=pb.AttachSession(session_id="never-opened"))
+    ev = gw.wait("the refusal", lambda: next(
+        (m.session_event.failed for m in sb.events if m.WhichOneof("msg") == "session_event"
+         and m.session_event.session_id == "never-opened"), None))
+    assert ev.code == pb.ERROR_CODE_NOT_FOUND
+
+
+def test_too_many_sessions(pod_factory, gateway_factory):
+    pod = pod_factory("limit")
+    gw = gateway_factory(pod)
+    sup = pod.start(gw, "--max-sessions", "2")
+    gw.wait_parked(pod.name)
+    sb = gw.claim(pod.name)
+    gw.wait_connected(sb)
+    gw.auto_forget = False
+    done = gw.open(sb, ["true"])
+    gw.wait_exit(done)
+    gw.open(sb, ["sleep", "30"])
+    # Exited but unforgotten sessions still count.
+    third = gw.open(sb, ["true"])
+    assert third.failed.code == pb.ERROR_CODE_RESOURCE_EXHAUSTED, third.failed
+    gw.forget(sb, done)
+    time.sleep(0.3)
+    fourth = gw.open(sb, ["true"])
+    assert fourth.failed is None
+
+
+def test_stream_lifetime_after_exit_and_numeric_users(pod_factory, gateway_factory):
+    pod, gw, sup, sb = bound(pod_factory, gateway_factory, "lifetime")
+    gw.auto_forget = False
+    s = gw.open(sb, ["sh", "-c", "id -u; echo $HOME"], user="12345", cwd="/")
+    assert s.failed is None, s.failed
+    gw.wait_exit(s)
+    # A numeric uid without a passwd entry runs, with HOME=/.
+    assert bytes(s.stdout) == b"12345\n/\n"
+    time.sleep(1.0)
+    assert s.down is not None, "the stream closed after Exited without being told"
+    gw.forget(sb, s)
+    gw.wait("the stream to end", lambda: s.down is None, timeout=5)
+    # A forgotten session is gone.
+    gw.send_control(sb, attach_session=pb.AttachSession(session_id=s.id))
+    gw.wait("the refusal", lambda: any(
+        m.WhichOneof("msg") == "session_event" and m.session_event.session_id == s.id
+        and m.session_event.WhichOneof("event") == "failed" for m in sb.events))
+
+
+def test_stdin_eof_on_a_pty_and_a_process_that_closes_its_stdin(pod_factory, gateway_factory):
+    pod, gw, sup, sb = bound(pod_factory, gateway_factory, "eof")
+    shell = gw.open(sb, ["/bin/sh"], tty=(80, 24), stdin=True)
+    gw.write_stdin(shell, b"echo ready-$((1+1))\n")
+    gw.wait_output(shell, b"ready-2")
+    gw.close_stdin(shell)  # ^D at the prompt: the shell exits
+    assert gw.wait_exit(shell).status == 0
+
+    closer = gw.open(sb, ["sh", "-c", "exec 0<&-; sleep 30"], stdin=True)
+    time.sleep(0.3)
+    gw.write_stdin(closer, b"first\n")  # accepted: handed to the writer
+    gw.wait("the first ack", lambda: closer.stdin_acked == 6)
+    time.sleep(0.3)
+    gw.write_stdin(closer, b"second\n")  # the writer found the pipe closed
+    gw.wait("StdinAck{eof}", lambda: closer.stdin_closed)
+    gw.wait("the refusal", lambda: closer.errors)
+    assert closer.errors[0].code == pb.ERROR_CODE_FAILED_PRECONDITION
+    gw.forget(sb, closer)
+
+
+def test_a_silent_gateway_loses_the_control_stream(pod_factory, gateway_factory):
+    pod, gw, sup, sb = bound(pod_factory, gateway_factory, "silent", heartbeat_ms=300)
+    gw.silent = True
+    t0 = time.monotonic()
+    gw.wait_connected(sb, connects=2, timeout=10)
+    took = time.monotonic() - t0
+    # More than three intervals of silence, noticed at an interval tick.
+    assert 0.9 <= took <= 2.5, took
+    gw.silent = False
+    s = gw.open(sb, ["echo", "back"])
+    gw.wait_exit(s)
+
+
+def test_open_session_during_the_release_is_refused(pod_factory, gateway_factory):
+    pod, gw, sup, sb = bound(pod_factory, gateway_factory, "relopen")
+    stubborn = gw.open(sb, ["sh", "-c", "trap '' TERM; sleep 30"])
+    gw.send_control(sb, release=pb.Release(reason="test", grace_ms=2000))
+    time.sleep(0.3)
+    late = gw.open(sb, ["true"])
+    assert late.failed.code == pb.ERROR_CODE_UNAVAILABLE, late.failed
+    assert "releasing" in late.failed.message
+    gw.wait("the report", lambda: sb.report, timeout=20)
+    assert sb.report.processes_killed >= 1
+    assert sup.wait(20) == 0
+    assert stubborn.control_exit is None or stubborn.control_exit.signal == signal.SIGKILL
