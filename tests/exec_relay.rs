@@ -570,7 +570,8 @@ async fn permission_denied_on_a_session_stream_is_not_a_release() {
         "the session died"
     );
 
-    // Connect's PERMISSION_DENIED is the claim's end: release, wipe, exit 0.
+    // The claim's end is said on the control stream: the reconnect is accepted and
+    // told to release (release, wipe, report, exit 0).
     env.gateway.drop_relay(sandbox.id());
     assert_eq!(
         sup.wait_exit(Duration::from_secs(30)),
