@@ -491,7 +491,11 @@ async fn a_session_asked_for_during_the_release_is_refused() {
     let env = Env::new("release-open").await;
     let (mut sup, sandbox) = env.bound(launch()).await;
     // Ignores SIGTERM, so the release waits out its grace and is under way meanwhile.
-    let slow = sandbox.exec(sh("trap '' TERM; sleep 30")).await.unwrap();
+    let mut slow = sandbox
+        .exec(sh("trap '' TERM; echo armed; sleep 30"))
+        .await
+        .unwrap();
+    read_until(&mut slow, &mut Vec::new(), "armed", T).await;
     let release = proto::GatewayMessage {
         msg: Some(Msg::Release(proto::Release {
             reason: "test".into(),

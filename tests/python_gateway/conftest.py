@@ -7,6 +7,13 @@ import harness
 from gateway import Gateway
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    rep = yield
+    setattr(item, f"rep_{rep.when}", rep)
+    return rep
+
+
 @pytest.fixture
 def pod_factory(request):
     why = harness.pid1_unavailable()
@@ -22,7 +29,12 @@ def pod_factory(request):
         return p
 
     yield make
+    failed = getattr(request.node, "rep_call", None)
     for p in pods:
+        if failed is not None and failed.failed:
+            # The supervisor's side of a failure, shown with the test's output.
+            for sup in p.supervisors:
+                print(f"--- {sup.log.name} of pod {p.name}\n{sup.logs()}")
         p.cleanup()
 
 

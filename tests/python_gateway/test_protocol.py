@@ -292,8 +292,8 @@ def test_stdin_eof_on_a_pty_and_a_process_that_closes_its_stdin(pod_factory, gat
     gw.close_stdin(shell)  # ^D at the prompt: the shell exits
     assert gw.wait_exit(shell).status == 0
 
-    closer = gw.open(sb, ["sh", "-c", "exec 0<&-; sleep 30"], stdin=True)
-    time.sleep(0.3)
+    closer = gw.open(sb, ["sh", "-c", "exec 0<&-; echo closed; sleep 30"], stdin=True)
+    gw.wait_output(closer, b"closed")
     gw.write_stdin(closer, b"first\n")  # accepted: handed to the writer
     gw.wait("the first ack", lambda: closer.stdin_acked == 6)
     time.sleep(0.3)
@@ -311,7 +311,7 @@ def test_a_silent_gateway_loses_the_control_stream(pod_factory, gateway_factory)
     gw.wait_connected(sb, connects=2, timeout=10)
     took = time.monotonic() - t0
     # More than three intervals of silence, noticed at an interval tick.
-    assert 0.9 <= took <= 2.5, took
+    assert 0.9 <= took <= 4.0, took
     gw.silent = False
     s = gw.open(sb, ["echo", "back"])
     gw.wait_exit(s)
@@ -319,7 +319,8 @@ def test_a_silent_gateway_loses_the_control_stream(pod_factory, gateway_factory)
 
 def test_open_session_during_the_release_is_refused(pod_factory, gateway_factory):
     pod, gw, sup, sb = bound(pod_factory, gateway_factory, "relopen")
-    stubborn = gw.open(sb, ["sh", "-c", "trap '' TERM; sleep 30"])
+    stubborn = gw.open(sb, ["sh", "-c", "trap '' TERM; echo armed; sleep 30"])
+    gw.wait_output(stubborn, b"armed")  # SIGTERM now leaves it, so the grace is waited
     gw.send_control(sb, release=pb.Release(reason="test", grace_ms=2000))
     time.sleep(0.3)
     late = gw.open(sb, ["true"])
