@@ -262,7 +262,7 @@ class Servicer(pb_grpc.GatewayServicer):
         ).start()
         yield from frames
         yield from drain(out, context, gw.heartbeat_ms / 1000,
-                         None if gw.silent else lambda: pb.GatewayMessage(heartbeat=pb.Heartbeat()))
+                         lambda: None if gw.silent else pb.GatewayMessage(heartbeat=pb.Heartbeat()))
 
     def _read_control(self, sb, request_iterator, out):
         gw = self.gw
@@ -397,8 +397,9 @@ def drain(out, context, every, idle):
         try:
             item = out.get(timeout=every)
         except queue.Empty:
-            if idle is not None:
-                yield idle()
+            beat = idle() if idle is not None else None
+            if beat is not None:
+                yield beat
             continue
         if item is END:
             return
