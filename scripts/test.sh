@@ -45,6 +45,6 @@ cargo test --locked -- --test-threads="${TEST_THREADS:-2}"
 # A second gateway, in Python with grpcio's defaults (lazy response headers), written
 # from docs/PROTOCOL.md, drives the binary cargo test just built as PID 1.
 echo "== python gateway"
-SSV_BINARY="${SSV_BINARY:-$PWD/target/debug/sandbox-supervisor}" python3 -m pytest tests/python_gateway -q
+SSV_BINARY="${SSV_BINARY:-$PWD/target/debug/sandbox-supervisor}" python3 -m pytest tests/python_gateway -q -rs
 echo "== manifests"
 python3 -m pytest tests/manifests -q
