@@ -21,6 +21,12 @@ if ! python3 -c 'import jsonschema, yaml, pytest' 2>/dev/null; then
   echo "test.sh: installing Python test dependencies"
   python3 -m pip install --quiet --disable-pip-version-check -r tests/manifests/requirements.txt
 fi
+# The Python (grpcio) gateway's scenarios: pinned grpcio, grpcio-tools (stubs are
+# generated from proto/ at test time), protobuf.
+if ! python3 -c 'import grpc, grpc_tools, google.protobuf, pytest' 2>/dev/null; then
+  echo "test.sh: installing the Python gateway's dependencies"
+  python3 -m pip install --quiet --disable-pip-version-check -r tests/python_gateway/requirements.txt
+fi
 
 echo "== cargo fmt --check"
 cargo fmt --check
@@ -36,5 +42,9 @@ if [ "$(id -u)" = 0 ] && docker info >/dev/null 2>&1; then
 fi
 echo "== cargo test"
 cargo test --locked -- --test-threads="${TEST_THREADS:-2}"
+# A second gateway, in Python with grpcio's defaults (lazy response headers), written
+# from docs/PROTOCOL.md, drives the binary cargo test just built as PID 1.
+echo "== python gateway"
+SSV_BINARY="${SSV_BINARY:-$PWD/target/debug/sandbox-supervisor}" python3 -m pytest tests/python_gateway -q -rs
 echo "== manifests"
 python3 -m pytest tests/manifests -q

@@ -137,6 +137,8 @@ async fn a_stale_stream_that_displaces_the_newest_one_is_recovered() {
             stdout_offset: 0,
             stderr_offset: 0,
             stdin_offset: Some(0),
+            // A stream from a supervisor that sends no generation: ordered by arrival.
+            generation: 0,
         })),
     };
     let req = authed(tokio_stream::iter(vec![attach]), &token).unwrap();
@@ -157,6 +159,68 @@ async fn a_stale_stream_that_displaces_the_newest_one_is_recovered() {
     assert_eq!(out.stdout, b"got late\n", "{out:?}");
     assert_eq!(out.exit.status, 0);
     assert!(sup.has_event("session.stream_superseded"), "{}", sup.logs());
+}
+
+/// With the attach generation the gateway tells a stale stream from the newest one
+/// itself: a late `Attach` with an older generation is refused (`ABORTED`) and never
+/// displaces the session's stream, so the supervisor has nothing to recover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_stream_with_an_older_generation_is_refused_by_the_gateway() {
+    use sandbox_supervisor::proto::{self, session_up};
+    use sandbox_supervisor::relay::{authed, GatewayEndpoint};
+    let env = Env::new("stale-gen").await;
+    env.gateway.record_minted_tokens();
+    let (sup, sandbox) = env.bound_with(launch(), &[]).await;
+    let mut s = sh("read line; echo \"got $line\"");
+    s.stdin = true;
+    let exec = sandbox.exec(s).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let token = env.gateway.minted_tokens().pop().unwrap();
+    let endpoint = GatewayEndpoint::new(env.endpoint(), env.ca.clone(), None, None, None);
+    let attach = proto::SessionUp {
+        msg: Some(session_up::Msg::Attach(proto::Attach {
+            session_id: exec.session_id().to_owned(),
+            stdout_offset: 0,
+            stderr_offset: 0,
+            stdin_offset: Some(0),
+            // The generation of the supervisor's first stream, long replaced.
+            generation: 1,
+        })),
+    };
+    // The re-attach after this drop gets a larger generation than the first stream.
+    env.gateway.drop_relay(sandbox.id());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let req = authed(tokio_stream::iter(vec![attach]), &token).unwrap();
+    let mut stale = endpoint
+        .client()
+        .unwrap()
+        .session(req)
+        .await
+        .unwrap()
+        .into_inner();
+    let refused = loop {
+        match stale.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => break None,
+            Err(status) => break Some(status),
+        }
+    };
+    let status = refused.expect("the stale stream was taken");
+    assert_eq!(status.code(), tonic::Code::Aborted, "{status:?}");
+    assert!(status.message().contains("generation"), "{status:?}");
+
+    exec.write_stdin("late\n".into()).await.unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(10), exec.collect())
+        .await
+        .unwrap_or_else(|_| panic!("the session was left without a stream\n{}", sup.logs()))
+        .unwrap();
+    assert_eq!(out.stdout, b"got late\n", "{out:?}");
+    assert!(
+        !sup.has_event("session.stream_superseded"),
+        "{}",
+        sup.logs()
+    );
 }
 
 /// 256 MiB (SSV_REPLAY_MIB) of verifiable output while the relay is dropped 20 times at
@@ -416,4 +480,107 @@ async fn half_open_connection_is_detected_and_replaced() {
         .await
         .unwrap();
     assert_eq!(out.stdout, b"fine\n");
+}
+
+/// Between `Release` and the report the control stream is still served: an
+/// `OpenSession` or `AttachSession` sent meanwhile is answered `failed{UNAVAILABLE}`
+/// at once, and the release still ends with its report and exit 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_asked_for_during_the_release_is_refused() {
+    use sandbox_supervisor::proto::{self, gateway_message::Msg};
+    let env = Env::new("release-open").await;
+    let (mut sup, sandbox) = env.bound(launch()).await;
+    // Ignores SIGTERM, so the release waits out its grace and is under way meanwhile.
+    let mut slow = sandbox
+        .exec(sh("trap '' TERM; echo armed; sleep 30"))
+        .await
+        .unwrap();
+    read_until(&mut slow, &mut Vec::new(), "armed", T).await;
+    let release = proto::GatewayMessage {
+        msg: Some(Msg::Release(proto::Release {
+            reason: "test".into(),
+            grace_ms: 3000,
+        })),
+    };
+    sandbox.send_control_raw(release).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let t0 = Instant::now();
+    let opened = tokio::time::timeout(Duration::from_secs(5), sandbox.exec(spec(&["true"])))
+        .await
+        .expect("no answer to an OpenSession sent during the release");
+    let Err(err) = opened else {
+        panic!("a session opened during the release");
+    };
+    assert_eq!(err.code, proto::ErrorCode::Unavailable, "{err}");
+    assert!(err.message.contains("releasing"), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    let err = sandbox
+        .attach_raw(slow.session_id(), 0, 0, Duration::from_secs(2))
+        .await
+        .unwrap()
+        .expect("no answer to an AttachSession sent during the release");
+    assert_eq!(err.code, proto::ErrorCode::Unavailable, "{err}");
+
+    assert_eq!(
+        sup.wait_exit(Duration::from_secs(30)),
+        Some(0),
+        "{}",
+        sup.logs()
+    );
+    let st = sandbox
+        .release("test", Duration::ZERO, Duration::from_secs(1))
+        .await;
+    assert!(st.unwrap().is_some(), "no release report");
+}
+
+/// `PERMISSION_DENIED` on a `Session` stream refuses that stream only: the session
+/// runs on and the supervisor stays bound. The claim's end is Connect's answer (or
+/// RefreshSandboxToken's), never a session stream's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permission_denied_on_a_session_stream_is_not_a_release() {
+    let env = Env::new("deny-session").await;
+    let (mut sup, sandbox) = env.bound(launch()).await;
+    let exec = sandbox.exec(sh("sleep 30")).await.unwrap();
+    // From now on the gateway refuses new streams with PERMISSION_DENIED.
+    env.gateway.revoke(sandbox.claim_uid());
+    let _ = sandbox
+        .attach_raw(exec.session_id(), 0, 0, Duration::from_millis(200))
+        .await;
+    let refused = async {
+        loop {
+            let hit = sup.events().into_iter().any(|e| {
+                let ev = e["event"].as_str().unwrap_or_default();
+                ev.starts_with("relay.session_stream_") && e["code"] == "PermissionDenied"
+            });
+            if hit {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(T, refused)
+        .await
+        .unwrap_or_else(|_| panic!("the session stream was not refused\n{}", sup.logs()));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(sup.wait_exit(Duration::ZERO), None, "{}", sup.logs());
+    assert!(
+        !sup.events().iter().any(|e| e["to"] == "releasing"),
+        "{}",
+        sup.logs()
+    );
+    assert!(
+        !live_named(sup.host_pid(), "sleep").is_empty(),
+        "the session died"
+    );
+
+    // The claim's end is said on the control stream: the reconnect is accepted and
+    // told to release (release, wipe, report, exit 0).
+    env.gateway.drop_relay(sandbox.id());
+    assert_eq!(
+        sup.wait_exit(Duration::from_secs(30)),
+        Some(0),
+        "{}",
+        sup.logs()
+    );
 }

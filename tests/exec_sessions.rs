@@ -240,3 +240,26 @@ async fn leader_exit_with_grandchild_holding_stdout_ends_within_drain_bound() {
     assert_eq!(out.exit.status, 0);
     assert!(t0.elapsed() < Duration::from_secs(4), "{:?}", t0.elapsed());
 }
+
+/// grpcio, grpc-go and grpc-java send a stream's response headers only with its first
+/// message. A gateway that has nothing to send until output arrives (the usual case)
+/// must still get the output and the exit, on the first stream and after a drop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_flows_to_a_gateway_that_sends_headers_lazily() {
+    let env = Env::with(
+        "lazy",
+        Options {
+            lazy_headers: true,
+            ..Options::default()
+        },
+    )
+    .await;
+    let (_sup, sandbox) = env.bound(launch()).await;
+    let run = sandbox.exec(sh("echo out; echo err >&2; exit 3"));
+    let out = tokio::time::timeout(T, async { run.await.unwrap().collect().await.unwrap() })
+        .await
+        .expect("no output or exit within 15 s: the supervisor waits for response headers");
+    assert_eq!(out.stdout, b"out\n");
+    assert_eq!(out.stderr, b"err\n");
+    assert_eq!(out.exit.status, 3);
+}

@@ -259,6 +259,21 @@ async fn sessions_survive_many_refreshes_and_revocation_releases() {
         .unwrap()
         .next()
         .is_none());
+    // The report went on a Connect of its own, which the gateway accepted although
+    // the claim is gone (refusing it would lose the report).
+    let report = sandbox
+        .release("after revocation", Duration::ZERO, Duration::from_secs(1))
+        .await
+        .unwrap();
+    let report = report.unwrap_or_else(|| panic!("the release report was lost\n{}", sup.logs()));
+    assert!(report.error.is_empty(), "{report:?}");
+    assert!(
+        sup.events()
+            .iter()
+            .any(|e| e["event"] == "release.reported" && e["delivered"] == true),
+        "{}",
+        sup.logs()
+    );
 }
 
 /// A full lifecycle at the most verbose level (every crate at trace: our events, tonic,

@@ -82,8 +82,7 @@ impl ExecError {
             }
             DuplicateSession { .. } => ErrorCode::AlreadyExists,
             TooManySessions { .. } | TooManyProcesses { .. } => ErrorCode::ResourceExhausted,
-            SpawnTimeout { .. } => ErrorCode::Unavailable,
-            Releasing => ErrorCode::FailedPrecondition,
+            SpawnTimeout { .. } | Releasing => ErrorCode::Unavailable,
             Spawn { source, .. } | SpawnStep { source, .. } => match source.raw_os_error() {
                 Some(libc::ENOENT) => ErrorCode::NotFound,
                 Some(libc::EACCES) | Some(libc::EPERM) => ErrorCode::PermissionDenied,

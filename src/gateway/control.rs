@@ -136,7 +136,13 @@ fn accept_hello_locked(
             "the sandbox is bound to another claim now",
         ));
     }
-    if let Some(why) = sb.gone_reason() {
+    // A revoked claim's supervisor is accepted and told to release: refusing it would
+    // lose the release report, which comes on a Connect of its own when the
+    // supervisor learned of the end elsewhere (a refresh denial, SIGTERM). A finished
+    // release has nothing more to say.
+    let revoked = sb.revoked.then(|| sb.gone_reason()).flatten();
+    if sb.release == ReleaseState::Done {
+        let why = sb.gone_reason().unwrap_or_default();
         return Err(Status::permission_denied(format!(
             "{why}; release the sandbox"
         )));
@@ -197,6 +203,11 @@ fn accept_hello_locked(
         frames.push(gw(GwMsg::Release(proto::Release {
             reason: reason.clone(),
             grace_ms: *grace_ms,
+        })));
+    } else if let Some(why) = revoked {
+        frames.push(gw(GwMsg::Release(proto::Release {
+            reason: why,
+            grace_ms: 0,
         })));
     }
     sb.confirmed = true;

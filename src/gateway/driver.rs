@@ -52,6 +52,10 @@ pub struct GatewayConfig {
     /// h2's default of 16 KiB each is cut in 16 pieces, and that per-frame work was
     /// what bounded one session's throughput (BENCHMARKS.md).
     pub http2_max_frame_size: u32,
+    /// Send a stream's response headers only with its first message, as grpcio,
+    /// grpc-go and grpc-java do by default (tonic sends them at once). Tests turn it
+    /// on to prove the supervisor never waits for headers before it sends.
+    pub lazy_headers: bool,
 }
 
 impl GatewayConfig {
@@ -72,6 +76,7 @@ impl GatewayConfig {
             http2_stream_window: 1024 * 1024,
             http2_connection_window: 32 * 1024 * 1024,
             http2_max_frame_size: 256 * 1024,
+            lazy_headers: false,
         }
     }
 }

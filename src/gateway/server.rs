@@ -12,7 +12,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::Stream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 pub(crate) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -23,6 +23,28 @@ pub(crate) struct GatewayService {
 
 pub(crate) fn boxed<T: Send + 'static>(rx: mpsc::Receiver<Result<T, Status>>) -> BoxStream<T> {
     Box::pin(ReceiverStream::new(rx))
+}
+
+/// The response stream for `rx`. With `lazy` the call's future waits for the first
+/// message, so the headers go out with it (grpcio's default) rather than at once.
+async fn respond<T: Send + 'static>(
+    mut rx: mpsc::Receiver<Result<T, Status>>,
+    lazy: bool,
+) -> Result<Response<BoxStream<T>>, Status> {
+    if !lazy {
+        return Ok(Response::new(boxed(rx)));
+    }
+    match rx.recv().await {
+        // A status before any message is the call's own answer (trailers only).
+        Some(Err(status)) => Err(status),
+        Some(Ok(first)) => {
+            let rest = ReceiverStream::new(rx);
+            Ok(Response::new(Box::pin(
+                tokio_stream::once(Ok(first)).chain(rest),
+            )))
+        }
+        None => Ok(Response::new(fixed(Vec::new()))),
+    }
 }
 
 pub(crate) fn fixed<T: Send + 'static>(items: Vec<T>) -> BoxStream<T> {
@@ -235,7 +257,7 @@ impl proto::gateway_server::Gateway for GatewayService {
             inbound,
             tx,
         ));
-        Ok(Response::new(boxed(rx)))
+        respond(rx, self.shared.cfg.lazy_headers).await
     }
 
     async fn session(
@@ -251,6 +273,6 @@ impl proto::gateway_server::Gateway for GatewayService {
             inbound,
             tx,
         ));
-        Ok(Response::new(boxed(rx)))
+        respond(rx, self.shared.cfg.lazy_headers).await
     }
 }

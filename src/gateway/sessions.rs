@@ -86,6 +86,9 @@ pub(crate) struct SessionCore {
     pub held_stderr: AtomicU64,
     /// The stream generation allowed to deliver (the latest Attach).
     pub current_gen: AtomicU64,
+    /// The largest `Attach.generation` the supervisor sent for this session: a stream
+    /// with a smaller one is stale and refused. 0 while the supervisor sends none.
+    pub newest_attach: AtomicU64,
     pub complete: AtomicBool,
     pub down_tx: mpsc::Sender<proto::SessionDown>,
     pub down_rx: tokio::sync::Mutex<mpsc::Receiver<proto::SessionDown>>,
@@ -118,6 +121,7 @@ impl SessionCore {
             held_stdout: AtomicU64::new(0),
             held_stderr: AtomicU64::new(0),
             current_gen: AtomicU64::new(0),
+            newest_attach: AtomicU64::new(0),
             complete: AtomicBool::new(false),
             down_tx,
             down_rx: tokio::sync::Mutex::new(down_rx),
@@ -184,7 +188,20 @@ pub(crate) async fn run_session_stream(
     let stop = super::state::Stop::new();
     let attached = {
         let mut st = shared.lock();
-        attach_locked(&mut st, &claims, &attach.session_id).inspect(|core| {
+        attach_locked(&mut st, &claims, &attach.session_id).and_then(|core| {
+            // Streams of a session may arrive out of order (one opened before a
+            // reconnect lands after the newer one): the supervisor's generation,
+            // not arrival, says which is newest. Checked under the lock, so two
+            // Attach frames cannot both pass.
+            let newest = core.newest_attach.load(Ordering::Acquire);
+            if attach.generation != 0 && attach.generation < newest {
+                return Err(Status::aborted(format!(
+                    "stale Session stream for session {}: attach generation {} is older than {newest}, the newest attached",
+                    core.id, attach.generation
+                )));
+            }
+            core.newest_attach
+                .fetch_max(attach.generation, Ordering::AcqRel);
             let old = core.inner().stream.replace(StreamLink {
                 gen,
                 tx: tx.clone(),
@@ -197,6 +214,7 @@ pub(crate) async fn run_session_stream(
                     core.id
                 ))));
             }
+            Ok(core)
         })
     };
     let core = match attached {

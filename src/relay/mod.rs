@@ -58,14 +58,29 @@ pub enum RelayEnd {
 }
 
 /// Sends the `ReleaseReport` on the control stream that carried the `Release`.
+/// Until then the stream stays served: heartbeats go on (the kill grace and the wipe
+/// may outlast three intervals) and every `OpenSession`/`AttachSession` is answered
+/// `failed{UNAVAILABLE}` rather than left unanswered.
 #[derive(Debug)]
 pub struct Reporter {
     tx: mpsc::Sender<SupervisorMessage>,
-    /// Keeps the response side open until the report went out.
-    _down: tonic::Streaming<proto::GatewayMessage>,
+    /// Owns the response side, which stays open until the report went out.
+    releasing: tokio::task::JoinHandle<()>,
 }
 
+/// What a session request gets once the release has begun.
+pub const RELEASING: &str = "the sandbox is releasing: no new sessions or streams";
+
 impl Reporter {
+    fn new(
+        tx: mpsc::Sender<SupervisorMessage>,
+        down: tonic::Streaming<proto::GatewayMessage>,
+        heartbeat: Duration,
+    ) -> Self {
+        let releasing = tokio::spawn(serve_releasing(tx.clone(), down, heartbeat));
+        Reporter { tx, releasing }
+    }
+
     pub async fn send(self, report: proto::ReleaseReport) -> bool {
         let msg = SupervisorMessage {
             msg: Some(supervisor_message::Msg::ReleaseReport(report)),
@@ -74,6 +89,53 @@ impl Reporter {
         // Give HTTP/2 a moment to flush before the stream is dropped.
         tokio::time::sleep(Duration::from_millis(50)).await;
         sent
+    }
+}
+
+impl Drop for Reporter {
+    fn drop(&mut self) {
+        self.releasing.abort();
+    }
+}
+
+/// Serves the control stream between `Release` and the report.
+async fn serve_releasing(
+    tx: mpsc::Sender<SupervisorMessage>,
+    mut down: tonic::Streaming<proto::GatewayMessage>,
+    heartbeat: Duration,
+) {
+    let mut tick = tokio::time::interval(heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reading = true;
+    loop {
+        let session_id = tokio::select! {
+            msg = down.message(), if reading => match msg {
+                Ok(Some(proto::GatewayMessage { msg: Some(gateway_message::Msg::OpenSession(o)) })) => o.session_id,
+                Ok(Some(proto::GatewayMessage { msg: Some(gateway_message::Msg::AttachSession(a)) })) => a.session_id,
+                Ok(Some(_)) => continue,
+                // The report may still go out on the up side.
+                Ok(None) | Err(_) => { reading = false; continue; }
+            },
+            _ = tick.tick() => {
+                let hb = SupervisorMessage { msg: Some(supervisor_message::Msg::Heartbeat(proto::Heartbeat {})) };
+                let _ = tx.try_send(hb);
+                continue;
+            }
+        };
+        tracing::info!(event = "session.failed", session_id = %session_id, code = ?proto::ErrorCode::Unavailable, error = RELEASING, "session request during the release refused");
+        let ev = proto::SessionEvent {
+            session_id,
+            event: Some(proto::session_event::Event::Failed(proto::Error {
+                code: proto::ErrorCode::Unavailable as i32,
+                message: RELEASING.into(),
+            })),
+        };
+        let msg = SupervisorMessage {
+            msg: Some(supervisor_message::Msg::SessionEvent(ev)),
+        };
+        if send_bounded(&tx, msg, EVENT_SEND_LIMIT).await.is_err() {
+            return;
+        }
     }
 }
 
@@ -258,7 +320,7 @@ impl Relay {
                             if let Some(end) = self.handle(m, &channel, &tx).await {
                                 return match end {
                                     HandleEnd::Release { reason, grace } => {
-                                        Attempt::End(RelayEnd::Release { reason, grace, reporter: Box::new(Reporter { tx, _down: down }) })
+                                        Attempt::End(RelayEnd::Release { reason, grace, reporter: Box::new(Reporter::new(tx, down, heartbeat)) })
                                     }
                                 };
                             }

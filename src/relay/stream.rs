@@ -2,6 +2,7 @@
 //! applies what the gateway sends down (stdin, resize, signals, acks).
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -42,11 +43,14 @@ pub fn attach(
     notice: Option<proto::Error>,
 ) {
     session.ack(stdout_from, stderr_from);
+    // Taken here, in attach order, so a later attach always carries a larger one.
+    let generation = NEXT_GENERATION.fetch_add(1, Ordering::Relaxed);
     let task = tokio::spawn(serve(
         channel,
         creds,
         session.clone(),
         (stdout_from, stderr_from),
+        generation,
         telemetry,
         notice,
     ));
@@ -60,9 +64,16 @@ pub fn attach(
     }
 }
 
+/// The next `Attach.generation`: one counter for every stream of this process, so it
+/// increases per session too (sessions never outlive the process). Starts at 1; 0
+/// means "not sent".
+static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
+
 /// How the gateway's side of a session stream ended.
 enum DownEnd {
     Closed,
+    /// The gateway answered the call itself with an error status: nothing was served.
+    Refused,
     /// The gateway attached another stream of this session in place of this one.
     Superseded(String),
     /// A frame past the message limit: the stream cannot be read any further.
@@ -74,6 +85,7 @@ async fn serve(
     creds: SandboxCredentials,
     session: Arc<Session>,
     (stdout_from, stderr_from): (u64, u64),
+    generation: u64,
     telemetry: Arc<Telemetry>,
     notice: Option<proto::Error>,
 ) {
@@ -85,6 +97,7 @@ async fn serve(
         // Read before the stream opens: a later value would only be higher, and the
         // gateway's resend from a lower one is deduplicated by offset.
         stdin_offset: Some(session.stdin_accepted().offset),
+        generation,
     };
     let _ = tx.send(up(session_up::Msg::Attach(first))).await;
     if let Some(e) = notice {
@@ -93,16 +106,22 @@ async fn serve(
     let Ok(req) = authed(ReceiverStream::new(rx), &creds.token()) else {
         return;
     };
-    let mut down = match client(channel.clone()).session(req).await {
-        Ok(resp) => resp.into_inner(),
-        Err(status) => {
-            tracing::debug!(event = "relay.session_stream_failed", session_id = %session.id, code = ?status.code(), error = status.message(), "session stream could not be opened");
-            return;
-        }
-    };
-
+    // The call's future resolves only when the gateway's response headers arrive, and
+    // grpcio, grpc-go and grpc-java send those lazily, with their first message. A
+    // gateway that waits for output before sending anything would never see any if
+    // output waited for the call: so output streams from the moment the request is
+    // out (hyper drives the request body on its own), and only the down side waits.
+    let mut grpc = client(channel.clone());
+    let call = grpc.session(req);
     let sender = send_output(&tx, &session, stdout_from, stderr_from, &telemetry);
     let receiver = async {
+        let mut down = match call.await {
+            Ok(resp) => resp.into_inner(),
+            Err(status) => {
+                tracing::debug!(event = "relay.session_stream_failed", session_id = %session.id, code = ?status.code(), error = status.message(), "session stream could not be opened");
+                return DownEnd::Refused;
+            }
+        };
         // Stdin waits for the process to read it, but an Ack queued behind it may be
         // what the process is waiting for (its output buffer is full): so frames keep
         // being read while stdin waits, stdin is held here in order, and everything
@@ -173,7 +192,7 @@ async fn serve(
         end = &mut receiver => end,
     };
     let notice = match end {
-        DownEnd::Closed => return,
+        DownEnd::Closed | DownEnd::Refused => return,
         DownEnd::Superseded(detail) => {
             // The gateway orders a session's streams by when their Attach arrived, not
             // by when they were opened: a stale stream (opened before a reconnect, its

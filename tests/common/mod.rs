@@ -96,6 +96,9 @@ pub struct Options {
     pub token_ttl: Duration,
     pub sandbox_token_ttl: Duration,
     pub heartbeat: Duration,
+    /// The gateway sends response headers only with a stream's first message (grpcio's
+    /// way), not at once (tonic's).
+    pub lazy_headers: bool,
 }
 
 impl Default for Options {
@@ -105,6 +108,7 @@ impl Default for Options {
             token_ttl: Duration::from_secs(3600),
             sandbox_token_ttl: Duration::from_secs(600),
             heartbeat: Duration::from_millis(500),
+            lazy_headers: false,
         }
     }
 }
@@ -137,6 +141,7 @@ impl Env {
         let mut cfg = GatewayConfig::for_tests(issuer.public_key_pem());
         cfg.sandbox_token_ttl = opts.sandbox_token_ttl;
         cfg.heartbeat_interval = opts.heartbeat;
+        cfg.lazy_headers = opts.lazy_headers;
         let mut ca = None;
         if opts.tls {
             let (_ca, server, files) =

@@ -242,6 +242,7 @@ impl Sup {
             stderr_offset: stderr,
             // A supervisor that does not track stdin offsets (the legacy protocol).
             stdin_offset: None,
+            generation: 0,
         })))
         .await
         .unwrap();
