@@ -153,7 +153,10 @@ async fn routine_events_with_pids_exhausted(tag: &str, cap: &str, pids_max: u64)
             return;
         }
     };
-    let env = Env::new(tag).await;
+    let mut env = Env::new(tag).await;
+    // RLIMIT_NPROC counts every process of the uid on the machine: a uid of this test's
+    // own keeps other tests' sessions (and this one's) out of each other's count.
+    env.sandbox_user = (42_000 + u32::from(rand::random::<u16>() % 10_000)).to_string();
     let sup = env.spawn_in(&cg, Launch::Pid1, &["--max-workload-processes", cap]);
     let (mut sup, sandbox) = env.claim_when_parked(sup).await;
     let mut timed = sh("exec sleep 1000");
