@@ -10,6 +10,32 @@ use common::exec::*;
 use common::*;
 use std::time::{Duration, Instant};
 
+/// A cgroup with `limits`, or None (the reason printed as the test's skip).
+fn limited(tag: &str, limits: Limits) -> Option<Cgroup> {
+    Cgroup::new(tag, limits)
+        .map_err(|why| eprintln!("skipped: no limited cgroup can be made here: {why}"))
+        .ok()
+}
+
+/// Releases through the gateway: the report arrives and the supervisor exits 0.
+async fn release_cleanly(sup: &mut Supervisor, sandbox: &sandbox_supervisor::gateway::Sandbox) {
+    let report = sandbox
+        .release("test", Duration::from_millis(500), Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(
+        report.is_some(),
+        "release report within 30 s\n{}",
+        sup.logs()
+    );
+    assert_eq!(
+        sup.wait_exit(Duration::from_secs(30)),
+        Some(0),
+        "{}",
+        sup.logs()
+    );
+}
+
 /// Sends SIGSTOP, as fast as it can, to the newest pids of the namespace: it catches
 /// a session's child in the short window after it took the sandbox uid and before
 /// `execve` (and every session it can signal after that).
@@ -96,21 +122,7 @@ async fn sigstop_during_spawn_never_freezes_pid1() {
         .expect("a session within 10 s")
         .expect("session output");
     assert_eq!(out.stdout, b"still-serving\n");
-    let report = sandbox
-        .release("test", Duration::from_millis(500), Duration::from_secs(20))
-        .await
-        .unwrap();
-    assert!(
-        report.is_some(),
-        "release report within 20 s\n{}",
-        sup.logs()
-    );
-    assert_eq!(
-        sup.wait_exit(Duration::from_secs(20)),
-        Some(0),
-        "{}",
-        sup.logs()
-    );
+    release_cleanly(&mut sup, &sandbox).await;
 }
 
 /// Forks sleepers until the kernel refuses (the pids limit, or the user's cap), and
@@ -140,18 +152,14 @@ async fn routine_events_with_pids_exhausted(tag: &str, cap: &str, pids_max: u64)
         can_unshare(),
         "needs root and unshare(CLONE_NEWPID) to run the supervisor as PID 1"
     );
-    let cg = match Cgroup::new(
+    let Some(cg) = limited(
         tag,
         Limits {
             memory: None,
             pids: Some(pids_max),
         },
-    ) {
-        Ok(cg) => cg,
-        Err(why) => {
-            eprintln!("skipped: no pids-limited cgroup can be made here: {why}");
-            return;
-        }
+    ) else {
+        return;
     };
     let mut env = Env::new(tag).await;
     // RLIMIT_NPROC counts every process of the uid on the machine: a uid of this test's
@@ -256,17 +264,7 @@ async fn routine_events_with_pids_exhausted(tag: &str, cap: &str, pids_max: u64)
     );
     assert!(!sup.logs().contains("panicked"), "{}", sup.logs());
 
-    let report = sandbox
-        .release("test", Duration::from_millis(500), Duration::from_secs(30))
-        .await
-        .unwrap();
-    assert!(report.is_some(), "release report\n{}", sup.logs());
-    assert_eq!(
-        sup.wait_exit(Duration::from_secs(30)),
-        Some(0),
-        "{}",
-        sup.logs()
-    );
+    release_cleanly(&mut sup, &sandbox).await;
     assert!(
         cg.pids().is_empty(),
         "release left processes: {:?}",
@@ -305,18 +303,14 @@ async fn the_oom_killer_takes_the_workload_not_pid1() {
         "needs root and unshare(CLONE_NEWPID) to run the supervisor as PID 1"
     );
     let limit = 192 << 20;
-    let cg = match Cgroup::new(
+    let Some(cg) = limited(
         "oom",
         Limits {
             memory: Some(limit),
             pids: None,
         },
-    ) {
-        Ok(cg) => cg,
-        Err(why) => {
-            eprintln!("skipped: no memory-limited cgroup can be made here: {why}");
-            return;
-        }
+    ) else {
+        return;
     };
     let env = Env::new("oom").await;
     let sup = env.spawn_in(&cg, Launch::Pid1, &[]);
@@ -381,17 +375,7 @@ async fn the_oom_killer_takes_the_workload_not_pid1() {
         .await
         .unwrap();
     assert_eq!(out.stdout, b"1000\n", "a session's oom_score_adj");
-    let report = sandbox
-        .release("test", Duration::from_millis(500), Duration::from_secs(30))
-        .await
-        .unwrap();
-    assert!(report.is_some(), "release report\n{}", sup.logs());
-    assert_eq!(
-        sup.wait_exit(Duration::from_secs(30)),
-        Some(0),
-        "{}",
-        sup.logs()
-    );
+    release_cleanly(&mut sup, &sandbox).await;
 }
 
 /// 100 sessions write as fast as they can and the gateway acknowledges nothing: the
@@ -402,18 +386,14 @@ async fn unacknowledged_output_of_many_sessions_stays_within_the_budget() {
         can_unshare(),
         "needs root and unshare(CLONE_NEWPID) to run the supervisor as PID 1"
     );
-    let cg = match Cgroup::new(
+    let Some(cg) = limited(
         "budget",
         Limits {
             memory: Some(320 << 20),
             pids: None,
         },
-    ) {
-        Ok(cg) => cg,
-        Err(why) => {
-            eprintln!("skipped: no memory-limited cgroup can be made here: {why}");
-            return;
-        }
+    ) else {
+        return;
     };
     let budget_mib = 32;
     let env = Env::new("budget").await;
@@ -462,15 +442,5 @@ async fn unacknowledged_output_of_many_sessions_stays_within_the_budget() {
             other => panic!("session stalled after {got} bytes: {other:?}"),
         }
     }
-    let report = sandbox
-        .release("test", Duration::from_millis(500), Duration::from_secs(30))
-        .await
-        .unwrap();
-    assert!(report.is_some(), "release report\n{}", sup.logs());
-    assert_eq!(
-        sup.wait_exit(Duration::from_secs(30)),
-        Some(0),
-        "{}",
-        sup.logs()
-    );
+    release_cleanly(&mut sup, &sandbox).await;
 }
