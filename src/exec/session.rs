@@ -275,12 +275,12 @@ impl Session {
             id: self.id.clone(),
             source,
         })?;
-        // Linux's PTY signals the foreground group itself; gVisor's does not. One more
+        // Linux's PTY signals the foreground group itself; gVisor's does not (nor does
+        // it answer TIOCGPGRP on the master: then the session's own group). One more
         // SIGWINCH is harmless (pending signals coalesce; programs just re-read the
         // size), a missing one leaves a full-screen program drawn at the old size.
-        if let Some(fg) = foreground_group(master) {
-            let _ = killpg(Pid::from_raw(fg), Signal::SIGWINCH);
-        }
+        let fg = foreground_group(master).unwrap_or(self.pid as i32);
+        let _ = killpg(Pid::from_raw(fg), Signal::SIGWINCH);
         Ok(())
     }
 

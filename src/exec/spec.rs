@@ -252,51 +252,76 @@ fn as_user<T>(
     user: &User,
     f: &dyn Fn() -> Result<T, ExecError>,
 ) -> Result<Result<T, ExecError>, Errno> {
-    let (uid, gid) = (user.uid, user.gid);
     let saved = nix::unistd::getgroups().unwrap_or_default();
-    let restore = || {
-        // SAFETY: raw per-thread credential syscalls back to root's, with the group
-        // list read above (pointer and length of a live Vec).
-        let ok = unsafe {
-            libc::syscall(libc::SYS_setfsuid, 0u32);
-            libc::syscall(libc::SYS_setfsgid, 0u32);
-            libc::syscall(
-                libc::SYS_setgroups,
-                saved.len(),
-                saved.as_ptr().cast::<libc::gid_t>(),
-            ) == 0
-                && libc::syscall(libc::SYS_setfsuid, 0u32) == 0
-        };
-        if !ok {
-            // This thread would go on starting sessions with the tenant's view of
-            // the files, or root's groups lost: never carry on like that.
-            eprintln!("sandbox-supervisor: cannot restore root's file-system identity after a path check; aborting");
-            std::process::abort();
-        }
-    };
-    // SAFETY: raw setgroups/setfsgid/setfsuid change only this thread's credentials;
-    // the group list passed is empty (null, length 0).
-    let switched = unsafe {
-        if libc::syscall(libc::SYS_setgroups, 0usize, std::ptr::null::<libc::gid_t>()) != 0 {
-            Err(Errno::last())
-        } else {
-            // Each returns the previous id: the second call reads back the new one.
-            libc::syscall(libc::SYS_setfsgid, gid);
-            if libc::syscall(libc::SYS_setfsgid, gid) as u32 != gid {
-                Err(Errno::EPERM)
-            } else {
-                libc::syscall(libc::SYS_setfsuid, uid);
-                if libc::syscall(libc::SYS_setfsuid, uid) as u32 != uid {
-                    Err(Errno::EPERM)
-                } else {
-                    Ok(())
-                }
+    let mut switched = Switched::default();
+    let outcome = switched.to(user.uid, user.gid).map(|()| f());
+    if !switched.back(&saved) {
+        // This thread would go on starting sessions with the tenant's view of the
+        // files, or with root's groups lost: never carry on like that.
+        eprintln!("sandbox-supervisor: cannot restore root's file-system identity after a path check; aborting");
+        std::process::abort();
+    }
+    outcome
+}
+
+/// Which of this thread's credentials [`as_user`] changed, so exactly those go back
+/// (a kernel without `setfsuid`, like older gVisor, changes none of them).
+#[derive(Default)]
+struct Switched {
+    fsgid: bool,
+    groups: bool,
+    fsuid: bool,
+}
+
+/// `setfsuid`/`setfsgid` return the previous id and cannot report failure otherwise:
+/// set, then read back with a second call (-1 as the id: ENOSYS or EPERM).
+///
+/// # Safety
+/// A raw per-thread credential syscall (`SYS_setfsuid` or `SYS_setfsgid`).
+unsafe fn set_fs_id(call: libc::c_long, id: u32) -> Result<(), Errno> {
+    let before = libc::syscall(call, id);
+    if before < 0 {
+        return Err(Errno::last());
+    }
+    if libc::syscall(call, id) as u32 != id {
+        return Err(Errno::EPERM);
+    }
+    Ok(())
+}
+
+impl Switched {
+    fn to(&mut self, uid: u32, gid: u32) -> Result<(), Errno> {
+        // SAFETY (whole block): raw syscalls that change only this thread's
+        // credentials; the group list passed is empty (null, length 0).
+        unsafe {
+            // Probed first: where it is missing nothing has changed yet.
+            set_fs_id(libc::SYS_setfsgid, gid)?;
+            self.fsgid = true;
+            if libc::syscall(libc::SYS_setgroups, 0usize, std::ptr::null::<libc::gid_t>()) != 0 {
+                return Err(Errno::last());
             }
+            self.groups = true;
+            set_fs_id(libc::SYS_setfsuid, uid)?;
+            self.fsuid = true;
         }
-    };
-    let result = switched.map(|()| f());
-    restore();
-    result
+        Ok(())
+    }
+
+    /// Puts root's back; whether everything changed is restored.
+    fn back(&self, saved_groups: &[nix::unistd::Gid]) -> bool {
+        // SAFETY (whole block): raw per-thread credential syscalls back to root's, the
+        // group list read before the switch (pointer and length of a live slice).
+        unsafe {
+            (!self.fsuid || set_fs_id(libc::SYS_setfsuid, 0).is_ok())
+                && (!self.groups
+                    || libc::syscall(
+                        libc::SYS_setgroups,
+                        saved_groups.len(),
+                        saved_groups.as_ptr().cast::<libc::gid_t>(),
+                    ) == 0)
+                && (!self.fsgid || set_fs_id(libc::SYS_setfsgid, 0).is_ok())
+        }
+    }
 }
 
 /// Logged once: the user-view check is not available here, paths are checked as root.
