@@ -137,13 +137,28 @@ fn statx_raw(dirfd: BorrowedFd<'_>, name: &CStr, flags: libc::c_int) -> Result<M
     })
 }
 
+// 0 = not known yet, 1 = statx accepts AT_NO_AUTOMOUNT, 2 = it says EINVAL (gVisor 2022).
+static NO_AUTOMOUNT: AtomicU8 = AtomicU8::new(0);
+
 /// `statx(dirfd, name, AT_SYMLINK_NOFOLLOW)`: describes the entry itself, never a link target.
+/// `AT_NO_AUTOMOUNT` is asked for where the kernel accepts it; older gVisor refuses the
+/// flag with `EINVAL`, and a supervisor that cannot stat cannot boot, so the call is
+/// retried without it (what is weaker then is in the `platform.capabilities` event).
 pub(crate) fn stat_at(dirfd: BorrowedFd<'_>, name: &CStr) -> Result<Meta, Errno> {
-    statx_raw(
-        dirfd,
-        name,
-        libc::AT_SYMLINK_NOFOLLOW | libc::AT_NO_AUTOMOUNT | libc::AT_STATX_SYNC_AS_STAT,
-    )
+    let base = libc::AT_SYMLINK_NOFOLLOW | libc::AT_STATX_SYNC_AS_STAT;
+    if NO_AUTOMOUNT.load(Ordering::Relaxed) != 2 {
+        match statx_raw(dirfd, name, base | libc::AT_NO_AUTOMOUNT) {
+            Err(Errno::EINVAL) => {}
+            other => {
+                NO_AUTOMOUNT.store(1, Ordering::Relaxed);
+                return other;
+            }
+        }
+    }
+    // EINVAL here too means the flag was not the cause: report the kernel's answer as is.
+    let meta = statx_raw(dirfd, name, base)?;
+    NO_AUTOMOUNT.store(2, Ordering::Relaxed);
+    Ok(meta)
 }
 
 /// `statx` of an open fd. Falls back to `/proc/self/fdinfo` for the mount id.
