@@ -81,7 +81,14 @@ impl Meta {
             }
     }
 
+    /// Whether both mount ids are known and differ (the only mount test that means
+    /// something for a non-directory: an overlay's files report their layer's device).
+    pub(crate) fn other_mount_id(&self, other: &Meta) -> bool {
+        matches!((self.mnt_id, other.mnt_id), (Some(a), Some(b)) if a != b)
+    }
+
     /// Whether `other` lives on a different mount than `self` (a directory we hold).
+    /// Compare directories only: see [`Meta::other_mount_id`].
     pub(crate) fn other_mount(&self, other: &Meta) -> bool {
         if self.dev != other.dev {
             return true;
@@ -208,12 +215,17 @@ pub(crate) fn openat2_available() -> bool {
 pub(crate) struct Resolve {
     /// Use `openat2` (when the kernel has it); `false` forces the checked fallback.
     pub openat2: bool,
+    /// Trust the kernel's mount ids (`STATX_MNT_ID`, fdinfo `mnt_id`); `false` where it
+    /// reports none (gVisor) and in tests that simulate such a kernel.
+    pub mount_ids: bool,
 }
 
 impl Resolve {
     pub(crate) fn detect() -> Resolve {
+        let caps = crate::platform::get();
         Resolve {
             openat2: openat2_available(),
+            mount_ids: caps.has("statx_mnt_id") || caps.has("fdinfo_mnt_id"),
         }
     }
 }
@@ -251,7 +263,15 @@ pub(crate) fn open_dir_beneath(
         }
         return Err(last);
     }
-    let parent_meta = stat_fd(dirfd)?;
+    let stat = |fd: BorrowedFd<'_>| {
+        stat_fd(fd).map(|mut m| {
+            if !resolve.mount_ids {
+                m.mnt_id = None;
+            }
+            m
+        })
+    };
+    let parent_meta = stat(dirfd)?;
     let bytes = path.to_bytes();
     if bytes.is_empty() || bytes.starts_with(b"/") {
         return Err(Errno::EXDEV);
@@ -271,7 +291,7 @@ pub(crate) fn open_dir_beneath(
             None => dirfd,
         };
         let fd = fcntl::openat(base, name.as_c_str(), flags, Mode::empty())?;
-        let meta = stat_fd(fd.as_fd())?;
+        let meta = stat(fd.as_fd())?;
         if current_meta.other_mount(&meta) {
             return Err(Errno::EXDEV);
         }
