@@ -121,7 +121,13 @@ fn statx_raw(dirfd: BorrowedFd<'_>, name: &CStr, flags: libc::c_int) -> Result<M
             buf.as_mut_ptr(),
         )
     };
-    Errno::result(rc)?;
+    match Errno::result(rc) {
+        // No statx at all (kernels before 4.11, seccomp profiles that predate it): the
+        // same facts from fstatat, without a mount id.
+        Err(Errno::ENOSYS) => return fstatat_meta(dirfd, name, flags),
+        Err(e) => return Err(e),
+        Ok(_) => {}
+    }
     // SAFETY: statx succeeded, so the kernel filled the buffer (it was zeroed before).
     let st = unsafe { buf.assume_init() };
     let mode = u32::from(st.stx_mode);
@@ -141,6 +147,28 @@ fn statx_raw(dirfd: BorrowedFd<'_>, name: &CStr, flags: libc::c_int) -> Result<M
         blocks: st.stx_blocks,
         nlink: st.stx_nlink,
         mnt_id,
+    })
+}
+
+fn fstatat_meta(dirfd: BorrowedFd<'_>, name: &CStr, flags: libc::c_int) -> Result<Meta, Errno> {
+    let mut buf = std::mem::MaybeUninit::<libc::stat>::zeroed();
+    let flags = flags & (libc::AT_SYMLINK_NOFOLLOW | libc::AT_EMPTY_PATH | libc::AT_NO_AUTOMOUNT);
+    // SAFETY: valid dirfd, NUL-terminated name and a zeroed out-buffer of the right type.
+    let rc = unsafe { libc::fstatat(dirfd.as_raw_fd(), name.as_ptr(), buf.as_mut_ptr(), flags) };
+    Errno::result(rc)?;
+    // SAFETY: fstatat succeeded and filled the buffer.
+    let st = unsafe { buf.assume_init() };
+    Ok(Meta {
+        kind: Kind::from_mode(st.st_mode),
+        perm: st.st_mode & 0o7777,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        dev: st.st_dev,
+        ino: st.st_ino,
+        size: st.st_size as u64,
+        blocks: st.st_blocks as u64,
+        nlink: st.st_nlink as u32,
+        mnt_id: None,
     })
 }
 
@@ -503,4 +531,36 @@ pub(crate) fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Without statx (ENOSYS) the same facts come from fstatat, minus the mount id.
+    #[test]
+    fn fstatat_fallback_describes_what_statx_does() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f"), vec![1u8; 5000]).unwrap();
+        std::os::unix::fs::symlink("f", dir.path().join("l")).unwrap();
+        let fd = fcntl::open(
+            dir.path(),
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .unwrap();
+        for name in [c"f", c"l", c"."] {
+            let a = stat_at(fd.as_fd(), name).unwrap();
+            let b = fstatat_meta(fd.as_fd(), name, libc::AT_SYMLINK_NOFOLLOW).unwrap();
+            assert_eq!(
+                (a.kind, a.perm, a.uid, a.gid, a.dev, a.ino, a.size, a.blocks, a.nlink),
+                (b.kind, b.perm, b.uid, b.gid, b.dev, b.ino, b.size, b.blocks, b.nlink),
+                "{name:?}"
+            );
+            assert_eq!(b.mnt_id, None);
+        }
+        let a = stat_fd(fd.as_fd()).unwrap();
+        let b = fstatat_meta(fd.as_fd(), c"", libc::AT_EMPTY_PATH).unwrap();
+        assert_eq!((a.dev, a.ino, a.kind), (b.dev, b.ino, b.kind));
+    }
 }
