@@ -54,7 +54,7 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
     // `--only NAME`: just the rows whose name contains NAME (bind, idle, exec, tls,
-    // concurrent, orphans, plaintext), for iterating on one figure.
+    // concurrent, orphans, gvisor, plaintext), for iterating on one figure.
     let only = args
         .iter()
         .position(|a| a == "--only")
@@ -104,6 +104,12 @@ async fn run(quick: bool, only: Option<String>) -> Vec<Row> {
         }
         if want("orphans") {
             rows.push(orphans(&sandbox, sup.host_pid(), if quick { 1000 } else { 10_000 }).await);
+        }
+    }
+    if want("gvisor") {
+        match common::gvisor::missing() {
+            Some(why) => eprintln!("bench: gVisor rows skipped: {why}"),
+            None => rows.extend(gvisor(quick).await),
         }
     }
     if want("plaintext") {
@@ -383,4 +389,111 @@ async fn orphans(sandbox: &sandbox_supervisor::gateway::Sandbox, pid: u32, n: us
             "not met"
         },
     }
+}
+
+/// Times, inside the sandbox, `n` fork+exec+wait of /bin/true (p50 and p99, seconds),
+/// then `head -c BYTES /dev/zero | cat > /dev/null` (seconds): the baselines measured in
+/// the same gVisor as the sessions they are compared with.
+const IN_SANDBOX_BASELINE: &str = r#"use Time::HiRes qw(time); my ($n, $bytes) = @ARGV; my @t;
+for (1..$n) { my $s = time; my $p = fork; if (!$p) { exec "/bin/true"; exit 127 } waitpid($p, 0); push @t, time - $s }
+@t = sort { $a <=> $b } @t; printf "%.9f %.9f\n", $t[int($#t * 0.5 + 0.5)], $t[int($#t * 0.99 + 0.5)];
+my $s = time; system("head -c $bytes /dev/zero | cat > /dev/null") == 0 or die; printf "%.9f\n", time - $s;"#;
+
+/// The supervisor as PID 1 of a gVisor sandbox (`runsc do`, tests/common/gvisor.rs):
+/// exec round trip and session stdout, each beside its baseline measured inside the same
+/// sandbox in the same run. Sessions run as root: this gVisor lacks setfsuid, which the
+/// check of a session's paths as the sandbox user needs.
+async fn gvisor(quick: bool) -> Vec<Row> {
+    use common::gvisor::{Fs, Gvisor};
+    let (n, mib) = if quick { (30u64, 64u64) } else { (200, 256) };
+    let mut env = Env::new("benchgv").await;
+    env.sandbox_user = "root".into();
+    let g = Gvisor::new("bench");
+    let (_sup, sandbox) = g
+        .bound(
+            &env,
+            Fs::Host,
+            &["--allow-root-sessions", "--max-sessions", "2000"],
+        )
+        .await;
+    let bytes = mib << 20;
+    let out = sandbox
+        .exec(spec(&[
+            "perl",
+            "-e",
+            IN_SANDBOX_BASELINE,
+            &n.to_string(),
+            &bytes.to_string(),
+        ]))
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    assert_eq!(
+        out.exit.status,
+        0,
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let nums: Vec<f64> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(|v| v.parse().unwrap())
+        .collect();
+    let (l50, l99, pipe_s) = (nums[0], nums[1], nums[2]);
+
+    let mut relay = vec![];
+    for _ in 0..n {
+        let t = Instant::now();
+        let out = sandbox
+            .exec(spec(&["/bin/true"]))
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(out.exit.status, 0);
+        relay.push(t.elapsed().as_secs_f64());
+    }
+    let (r50, r99) = (pct(&mut relay, 0.5), pct(&mut relay, 0.99));
+    let exec_row = Row {
+        what: format!("gVisor: exec round trip of /bin/true (n={n})"),
+        baseline: format!(
+            "spawn+wait inside the sandbox p50 {} / p99 {}",
+            ms(l50),
+            ms(l99)
+        ),
+        ours: format!("p50 {} / p99 {}", ms(r50), ms(r99)),
+        ratio: format!("overhead p50 {}", ms(r50 - l50)),
+        target: "reported (gVisor's own spawn dominates)".into(),
+        verdict: "-",
+    };
+
+    let t = Instant::now();
+    let mut exec = sandbox
+        .exec(spec(&["head", "-c", &bytes.to_string(), "/dev/zero"]))
+        .await
+        .unwrap();
+    let mut got = 0u64;
+    while let Some(ev) = exec.next().await {
+        match ev {
+            sandbox_supervisor::gateway::ExecEvent::Stdout(b) => got += b.len() as u64,
+            sandbox_supervisor::gateway::ExecEvent::Stderr(_) => {}
+            sandbox_supervisor::gateway::ExecEvent::Exited(_) => break,
+        }
+    }
+    assert_eq!(got, bytes);
+    let ours = got as f64 / t.elapsed().as_secs_f64();
+    let base = bytes as f64 / pipe_s;
+    let gibs = |v: f64| format!("{:.2} GiB/s", v / (1u64 << 30) as f64);
+    let stdout_row = Row {
+        what: format!("gVisor: stdout through one session, TLS ({mib} MiB)"),
+        baseline: format!("pipe inside the sandbox {}", gibs(base)),
+        ours: gibs(ours),
+        ratio: format!("{:.0}% of the pipe", 100.0 * ours / base),
+        target: "≥ 50 % of the pipe".into(),
+        verdict: if ours / base >= 0.5 { "met" } else { "not met" },
+    };
+    eprintln!("bench: `local -- true` under gVisor not measured: its session as the sandbox user needs setfsuid, which this gVisor lacks (see tests/gvisor.rs)");
+    vec![exec_row, stdout_row]
 }

@@ -11,6 +11,8 @@ command -v unshare >/dev/null || need_apt+=(util-linux)
 command -v readelf >/dev/null || need_apt+=(binutils)
 # tests/lifecycle.rs delays the real binary's fsyncs with strace's fault injection.
 command -v strace >/dev/null || need_apt+=(strace)
+# tests/gvisor.rs runs the real binary as PID 1 of a gVisor sandbox (Debian's runsc).
+command -v runsc >/dev/null || need_apt+=(runsc)
 # The static binary the container tests run links glibc statically (libc.a).
 [ -e "$(gcc -print-file-name=libc.a 2>/dev/null)" ] || need_apt+=(libc6-dev)
 if [ "${#need_apt[@]}" -gt 0 ] && [ "$(id -u)" = 0 ]; then

@@ -2,15 +2,17 @@
 //! through the whole lifecycle, with your terminal attached to a session in the sandbox.
 //!
 //! As root the supervisor runs as PID 1 of a new PID namespace (with its own /proc) and
-//! the command as an unprivileged user, exactly as in a pod. Otherwise it runs as a
-//! child subreaper and says so.
+//! the command as an unprivileged user, exactly as in a pod. Otherwise (not root, or a
+//! kernel without PID or mount namespaces, like gVisor) it runs as a child subreaper and
+//! says so. The two live and die together: the supervisor gets `PR_SET_PDEATHSIG`, and
+//! `local` stops waiting the moment its supervisor exits, with the supervisor's reason.
+
+mod spawn;
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use std::io::{IsTerminal, Read, Write};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -112,74 +114,131 @@ async fn run(args: LocalArgs) -> anyhow::Result<i32> {
         nix::unistd::geteuid().as_raw().to_string()
     };
     let log_path = root.join("supervisor.log");
-    let mut cmd = Command::new(std::env::current_exe().context("locating this binary")?);
-    cmd.arg("run")
-        .args(["--volume", &path_str(&root.join("volume"))])
-        .args(["--seed-dir", &path_str(&seed)])
-        .args(["--gateway", &endpoint])
-        .args(["--token-path", &path_str(&token_dir.join("token"))])
-        .args([
-            "--pod-name",
-            &pod.pod_name,
-            "--pod-namespace",
-            &pod.namespace,
-            "--pod-uid",
-            &pod.pod_uid,
-        ])
-        .args([
-            "--annotations-path",
-            &path_str(&podinfo.join("annotations")),
-        ])
-        .args(["--sandbox-user", &user])
-        .args([
-            "--listen-probes",
-            "off",
-            "--release-grace",
-            "2s",
-            "--log-format",
-            "text",
-            "--log-level",
-            "info",
-        ])
-        .env_clear()
-        .env(
-            "PATH",
-            std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()),
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log_path)?);
+    let program = std::env::current_exe().context("locating this binary")?;
+    let mut sup_args: Vec<String> = vec!["run".into()];
+    let mut arg = |a: &str| sup_args.push(a.to_owned());
+    for a in [
+        "--volume",
+        &path_str(&root.join("volume")),
+        "--seed-dir",
+        &path_str(&seed),
+        "--gateway",
+        &endpoint,
+        "--token-path",
+        &path_str(&token_dir.join("token")),
+        "--pod-name",
+        &pod.pod_name,
+        "--pod-namespace",
+        &pod.namespace,
+        "--pod-uid",
+        &pod.pod_uid,
+        "--annotations-path",
+        &path_str(&podinfo.join("annotations")),
+        "--sandbox-user",
+        &user,
+        "--listen-probes",
+        "off",
+        "--release-grace",
+        "2s",
+        "--log-format",
+        "text",
+        "--log-level",
+        "info",
+    ] {
+        arg(a);
+    }
     match &ca_file {
         Some(ca) => {
-            cmd.args(["--gateway-ca", &path_str(ca)]);
+            arg("--gateway-ca");
+            arg(&path_str(ca));
         }
-        None => {
-            cmd.arg("--allow-plaintext");
+        None => arg("--allow-plaintext"),
+    }
+    let path_var = std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into());
+    // On this (the main) thread: the supervisor's death signal is tied to it.
+    let (child, mode) = spawn::spawn(
+        &program,
+        &sup_args,
+        &path_var,
+        std::fs::File::create(&log_path)?,
+        is_root,
+    )?;
+    match &mode {
+        spawn::Mode::Pid1 => {}
+        spawn::Mode::Subreaper(why) => {
+            let who = if is_root { "the sandbox user" } else { "you" };
+            eprintln!("local: {why}, so the supervisor runs as a child subreaper (not PID 1) and sessions run as {who}");
         }
     }
-    let mut child = if is_root {
-        spawn_in_pid_namespace(cmd)?
-    } else {
-        eprintln!("local: not root, so the supervisor runs as a child subreaper (not PID 1) and sessions run as you");
-        cmd.spawn().context("starting the supervisor")?
-    };
+    let pid = child.pid;
+    let mut exited = tokio::task::spawn_blocking(move || spawn::Supervisor::wait(pid));
 
-    let result = drive(&gateway, &pod.pod_name, &args.command).await;
+    // The session against the supervisor's exit: a supervisor that dies (refuses, fails,
+    // is killed) never parks or serves, so waiting on the gateway would only time out.
+    let driving = drive(&gateway, &pod.pod_name, &args.command);
+    tokio::pin!(driving);
+    let first = tokio::select! {
+        r = &mut driving => First::Drove(r),
+        status = &mut exited => First::Exited(status??),
+    };
+    let result = match first {
+        First::Drove(r) => r,
+        First::Exited(status) => {
+            // Exiting 0 right after a release can beat the report to `drive`: let it land.
+            let late = if status.success() {
+                tokio::time::timeout(Duration::from_secs(5), &mut driving)
+                    .await
+                    .ok()
+            } else {
+                None
+            };
+            match late {
+                Some(r) => return finish(r, status, &log_path, tmp),
+                None => {
+                    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                    eprintln!(
+                        "local: the supervisor exited ({status}) before the session finished:\n{}",
+                        spawn::reason_from_log(&log)
+                    );
+                    eprintln!("--- supervisor log ---\n{log}");
+                    drop(tmp);
+                    return Ok(match status {
+                        spawn::Ended::Code(c) if c != 0 => c,
+                        _ => crate::lifecycle::exit::FATAL,
+                    });
+                }
+            }
+        }
+    };
+    if result.is_err() {
+        child.signal(nix::sys::signal::Signal::SIGTERM);
+    }
+    let status = exited.await??;
+    finish(result, status, &log_path, tmp)
+}
+
+/// What ended first: the session (and release), or the supervisor.
+enum First {
+    Drove(anyhow::Result<(i32, bool)>),
+    Exited(spawn::Ended),
+}
+
+/// The end of a run whose session finished: `local`'s exit code.
+fn finish(
+    result: anyhow::Result<(i32, bool)>,
+    status: spawn::Ended,
+    log_path: &Path,
+    tmp: TempDir,
+) -> anyhow::Result<i32> {
     let (code, wiped) = match result {
         Ok(v) => v,
         Err(e) => {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(child.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let _ = tokio::task::spawn_blocking(move || child.wait()).await;
-            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let log = std::fs::read_to_string(log_path).unwrap_or_default();
             bail!("{e:#}\n--- supervisor log ---\n{log}");
         }
     };
-    let status = tokio::task::spawn_blocking(move || child.wait()).await??;
     if !status.success() {
-        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let log = std::fs::read_to_string(log_path).unwrap_or_default();
         eprintln!("local: the supervisor exited with {status}\n--- supervisor log ---\n{log}");
     }
     drop(tmp);
@@ -299,43 +358,6 @@ async fn drive(
         );
     }
     Ok((status.status, wiped))
-}
-
-/// PID 1 of a new PID namespace, with a private mount namespace and its own /proc.
-fn spawn_in_pid_namespace(mut cmd: Command) -> anyhow::Result<Child> {
-    use nix::mount::{mount, MsFlags};
-    // SAFETY: runs in the forked child before exec; mount and unshare are plain
-    // syscalls, no allocation beyond nix's small CString conversions of constants.
-    unsafe {
-        cmd.pre_exec(|| {
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)?;
-            mount(
-                None::<&str>,
-                "/",
-                None::<&str>,
-                MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-                None::<&str>,
-            )?;
-            mount(
-                Some("proc"),
-                "/proc",
-                Some("proc"),
-                MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-                None::<&str>,
-            )?;
-            Ok(())
-        });
-    }
-    // unshare(CLONE_NEWPID) applies to the calling thread's future children, so do it
-    // on a thread that spawns exactly one child and then ends.
-    std::thread::spawn(move || -> anyhow::Result<Child> {
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWPID)
-            .context("creating a PID namespace")?;
-        cmd.spawn()
-            .context("starting the supervisor in a new PID namespace")
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("namespace thread panicked"))?
 }
 
 fn demo_seed(dir: &Path) -> anyhow::Result<PathBuf> {

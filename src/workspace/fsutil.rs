@@ -81,7 +81,14 @@ impl Meta {
             }
     }
 
+    /// Whether both mount ids are known and differ (the only mount test that means
+    /// something for a non-directory: an overlay's files report their layer's device).
+    pub(crate) fn other_mount_id(&self, other: &Meta) -> bool {
+        matches!((self.mnt_id, other.mnt_id), (Some(a), Some(b)) if a != b)
+    }
+
     /// Whether `other` lives on a different mount than `self` (a directory we hold).
+    /// Compare directories only: see [`Meta::other_mount_id`].
     pub(crate) fn other_mount(&self, other: &Meta) -> bool {
         if self.dev != other.dev {
             return true;
@@ -114,7 +121,13 @@ fn statx_raw(dirfd: BorrowedFd<'_>, name: &CStr, flags: libc::c_int) -> Result<M
             buf.as_mut_ptr(),
         )
     };
-    Errno::result(rc)?;
+    match Errno::result(rc) {
+        // No statx at all (kernels before 4.11, seccomp profiles that predate it): the
+        // same facts from fstatat, without a mount id.
+        Err(Errno::ENOSYS) => return fstatat_meta(dirfd, name, flags),
+        Err(e) => return Err(e),
+        Ok(_) => {}
+    }
     // SAFETY: statx succeeded, so the kernel filled the buffer (it was zeroed before).
     let st = unsafe { buf.assume_init() };
     let mode = u32::from(st.stx_mode);
@@ -137,13 +150,50 @@ fn statx_raw(dirfd: BorrowedFd<'_>, name: &CStr, flags: libc::c_int) -> Result<M
     })
 }
 
+fn fstatat_meta(dirfd: BorrowedFd<'_>, name: &CStr, flags: libc::c_int) -> Result<Meta, Errno> {
+    let mut buf = std::mem::MaybeUninit::<libc::stat>::zeroed();
+    let flags = flags & (libc::AT_SYMLINK_NOFOLLOW | libc::AT_EMPTY_PATH | libc::AT_NO_AUTOMOUNT);
+    // SAFETY: valid dirfd, NUL-terminated name and a zeroed out-buffer of the right type.
+    let rc = unsafe { libc::fstatat(dirfd.as_raw_fd(), name.as_ptr(), buf.as_mut_ptr(), flags) };
+    Errno::result(rc)?;
+    // SAFETY: fstatat succeeded and filled the buffer.
+    let st = unsafe { buf.assume_init() };
+    Ok(Meta {
+        kind: Kind::from_mode(st.st_mode),
+        perm: st.st_mode & 0o7777,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        dev: st.st_dev,
+        ino: st.st_ino,
+        size: st.st_size as u64,
+        blocks: st.st_blocks as u64,
+        nlink: st.st_nlink as u32,
+        mnt_id: None,
+    })
+}
+
+// 0 = not known yet, 1 = statx accepts AT_NO_AUTOMOUNT, 2 = it says EINVAL (gVisor 2022).
+static NO_AUTOMOUNT: AtomicU8 = AtomicU8::new(0);
+
 /// `statx(dirfd, name, AT_SYMLINK_NOFOLLOW)`: describes the entry itself, never a link target.
+/// `AT_NO_AUTOMOUNT` is asked for where the kernel accepts it; older gVisor refuses the
+/// flag with `EINVAL`, and a supervisor that cannot stat cannot boot, so the call is
+/// retried without it (what is weaker then is in the `platform.capabilities` event).
 pub(crate) fn stat_at(dirfd: BorrowedFd<'_>, name: &CStr) -> Result<Meta, Errno> {
-    statx_raw(
-        dirfd,
-        name,
-        libc::AT_SYMLINK_NOFOLLOW | libc::AT_NO_AUTOMOUNT | libc::AT_STATX_SYNC_AS_STAT,
-    )
+    let base = libc::AT_SYMLINK_NOFOLLOW | libc::AT_STATX_SYNC_AS_STAT;
+    if NO_AUTOMOUNT.load(Ordering::Relaxed) != 2 {
+        match statx_raw(dirfd, name, base | libc::AT_NO_AUTOMOUNT) {
+            Err(Errno::EINVAL) => {}
+            other => {
+                NO_AUTOMOUNT.store(1, Ordering::Relaxed);
+                return other;
+            }
+        }
+    }
+    // EINVAL here too means the flag was not the cause: report the kernel's answer as is.
+    let meta = statx_raw(dirfd, name, base)?;
+    NO_AUTOMOUNT.store(2, Ordering::Relaxed);
+    Ok(meta)
 }
 
 /// `statx` of an open fd. Falls back to `/proc/self/fdinfo` for the mount id.
@@ -193,12 +243,17 @@ pub(crate) fn openat2_available() -> bool {
 pub(crate) struct Resolve {
     /// Use `openat2` (when the kernel has it); `false` forces the checked fallback.
     pub openat2: bool,
+    /// Trust the kernel's mount ids (`STATX_MNT_ID`, fdinfo `mnt_id`); `false` where it
+    /// reports none (gVisor) and in tests that simulate such a kernel.
+    pub mount_ids: bool,
 }
 
 impl Resolve {
     pub(crate) fn detect() -> Resolve {
+        let caps = crate::platform::get();
         Resolve {
             openat2: openat2_available(),
+            mount_ids: caps.has("statx_mnt_id") || caps.has("fdinfo_mnt_id"),
         }
     }
 }
@@ -236,7 +291,15 @@ pub(crate) fn open_dir_beneath(
         }
         return Err(last);
     }
-    let parent_meta = stat_fd(dirfd)?;
+    let stat = |fd: BorrowedFd<'_>| {
+        stat_fd(fd).map(|mut m| {
+            if !resolve.mount_ids {
+                m.mnt_id = None;
+            }
+            m
+        })
+    };
+    let parent_meta = stat(dirfd)?;
     let bytes = path.to_bytes();
     if bytes.is_empty() || bytes.starts_with(b"/") {
         return Err(Errno::EXDEV);
@@ -256,7 +319,7 @@ pub(crate) fn open_dir_beneath(
             None => dirfd,
         };
         let fd = fcntl::openat(base, name.as_c_str(), flags, Mode::empty())?;
-        let meta = stat_fd(fd.as_fd())?;
+        let meta = stat(fd.as_fd())?;
         if current_meta.other_mount(&meta) {
             return Err(Errno::EXDEV);
         }
@@ -468,4 +531,36 @@ pub(crate) fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Without statx (ENOSYS) the same facts come from fstatat, minus the mount id.
+    #[test]
+    fn fstatat_fallback_describes_what_statx_does() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f"), vec![1u8; 5000]).unwrap();
+        std::os::unix::fs::symlink("f", dir.path().join("l")).unwrap();
+        let fd = fcntl::open(
+            dir.path(),
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .unwrap();
+        for name in [c"f", c"l", c"."] {
+            let a = stat_at(fd.as_fd(), name).unwrap();
+            let b = fstatat_meta(fd.as_fd(), name, libc::AT_SYMLINK_NOFOLLOW).unwrap();
+            assert_eq!(
+                (a.kind, a.perm, a.uid, a.gid, a.dev, a.ino, a.size, a.blocks, a.nlink),
+                (b.kind, b.perm, b.uid, b.gid, b.dev, b.ino, b.size, b.blocks, b.nlink),
+                "{name:?}"
+            );
+            assert_eq!(b.mnt_id, None);
+        }
+        let a = stat_fd(fd.as_fd()).unwrap();
+        let b = fstatat_meta(fd.as_fd(), c"", libc::AT_EMPTY_PATH).unwrap();
+        assert_eq!((a.dev, a.ino, a.kind), (b.dev, b.ino, b.kind));
+    }
 }

@@ -11,8 +11,14 @@
 //! - Nothing but directories is ever opened: files, links, FIFOs, sockets and devices are
 //!   unlinked by name. A FIFO or device swapped in under a directory's name is not opened
 //!   either: the kernel checks `O_DIRECTORY` before it opens anything (`ENOTDIR`).
-//! - Mount points (mount id or device differs from the parent's) are skipped and reported,
-//!   and so are file bind mounts (`unlinkat` says `EBUSY`).
+//! - Mount points are skipped and reported, never descended into: a directory whose mount
+//!   id or device differs from its parent's, a file whose mount id differs, anything the
+//!   mount table (`/proc/thread-self/mountinfo`) lists below the directory, found by path
+//!   or by the inode mounted there (gVisor has neither mount ids nor `openat2`, and a bind
+//!   mount of the same file system has its parent's device), and file bind mounts
+//!   (`unlinkat` says `EBUSY`). Devices are compared for directories only: on gVisor's
+//!   overlay a file reports its layer's device, not the directory's. At the end every
+//!   mount point reported must still be in the mount table, else the wipe failed.
 //! - Iterative with an explicit stack; at most `max_open_dirs` directory fds are open.
 //!   Closed ancestors are reopened through the child's `..` and must be the same inode as
 //!   before (else a re-descent by name from the root, checked at each step; else stop).
@@ -27,6 +33,7 @@
 //!   file system that says "removed" but keeps listing the entry is never "fully wiped".
 
 mod bounds;
+mod mounts;
 mod unflag;
 
 use super::fsutil::{self, Kind, Meta, Resolve};
@@ -168,6 +175,10 @@ struct Walk {
     pending_total: usize,
     left_total: usize,
     flattened: u64,
+    /// The mount table's mount points below the wiped directory (`None`: unreadable).
+    mounts: Option<mounts::Mounts>,
+    /// The raw relative paths of `report.skipped_mounts`, for the final check.
+    mount_paths: Vec<Vec<u8>>,
 }
 
 /// Removes everything below `root` (an open directory) and keeps `root` itself.
@@ -178,10 +189,13 @@ pub(crate) fn wipe_contents(
     opts: WipeOptions,
 ) -> Result<WipeReport, WipeError> {
     let started = Instant::now();
-    let meta = fsutil::stat_fd(root.as_fd()).map_err(|errno| WipeError::Open {
+    let mut meta = fsutil::stat_fd(root.as_fd()).map_err(|errno| WipeError::Open {
         path: label.to_owned(),
         errno,
     })?;
+    if !opts.resolve.mount_ids {
+        meta.mnt_id = None;
+    }
     if meta.kind != Kind::Dir {
         return Err(WipeError::Open {
             path: label.to_owned(),
@@ -192,6 +206,7 @@ pub(crate) fn wipe_contents(
         // The tenant may have chmod'ed its own top directory; we need rwx to empty it.
         let _ = nix::sys::stat::fchmod(root.as_fd(), Mode::from_bits_truncate(meta.perm | 0o700));
     }
+    let mounts = mounts::Mounts::load(root.as_fd());
     let mut walk = Walk {
         stack: vec![Frame::new(root, CString::default(), meta)],
         first_open: 1,
@@ -205,6 +220,8 @@ pub(crate) fn wipe_contents(
         pending_total: 0,
         left_total: 0,
         flattened: 0,
+        mounts,
+        mount_paths: Vec::new(),
     };
     // The first read of the top directory failing means the wipe cannot start at all.
     if let Err(errno) = walk.read_batch() {
@@ -215,6 +232,7 @@ pub(crate) fn wipe_contents(
     }
     walk.run();
     walk.verify_empty();
+    walk.verify_mounts();
     let mut report = walk.report;
     report.fully_wiped =
         !walk.aborted && report.skipped.is_empty() && report.skipped_mounts.is_empty();
@@ -237,6 +255,23 @@ pub(crate) fn wipe_contents(
 }
 
 impl Walk {
+    /// `statx` of `name` in the top directory, with the mount id dropped where it is not
+    /// to be trusted (so every check below sees what a kernel without mount ids gives).
+    fn stat_at(&self, name: &CStr) -> Result<Meta, Errno> {
+        fsutil::stat_at(self.top_fd(), name).map(|m| self.trusted(m))
+    }
+
+    fn stat_fd(&self, fd: BorrowedFd<'_>) -> Result<Meta, Errno> {
+        fsutil::stat_fd(fd).map(|m| self.trusted(m))
+    }
+
+    fn trusted(&self, mut m: Meta) -> Meta {
+        if !self.opts.resolve.mount_ids {
+            m.mnt_id = None;
+        }
+        m
+    }
+
     fn run(&mut self) {
         while !self.aborted {
             let top = self
@@ -335,12 +370,57 @@ impl Walk {
         parts.join("/")
     }
 
+    /// The relative path of `name` in the top directory, unescaped and whole.
+    fn raw_path(&self, name: &CStr) -> Vec<u8> {
+        let mut out = Vec::new();
+        for n in self.stack[1..]
+            .iter()
+            .map(|f| f.name.as_c_str())
+            .chain([name])
+        {
+            if !out.is_empty() {
+                out.push(b'/');
+            }
+            out.extend_from_slice(n.to_bytes());
+        }
+        out
+    }
+
+    /// `name` in the top directory was a mount point when the wipe started.
+    fn listed_mount_point(&self, name: &CStr) -> bool {
+        let Some(m) = self.mounts.as_ref() else {
+            return false;
+        };
+        // An entry at depth d has d components: deeper than every mount point, no match.
+        !m.is_empty() && self.stack.len() <= m.max_depth() && m.is_mount_path(&self.raw_path(name))
+    }
+
+    /// Every mount point reported must be one: anything else left behind (a file taken
+    /// for a mount by a device number, a directory swapped in at a mount's old path) is
+    /// tenant data, and the wipe did not finish.
+    fn verify_mounts(&mut self) {
+        let paths = std::mem::take(&mut self.mount_paths);
+        for (i, raw) in paths.iter().enumerate() {
+            let listed = self.mounts.as_ref().and_then(|m| m.listed_now(raw));
+            let why = match listed {
+                Some(true) => continue,
+                Some(false) => "was taken for a mount point, but the mount table does not list it: left behind",
+                None => "cannot be confirmed as a mount point (the mount table cannot be read): left behind",
+            };
+            let path = self.report.skipped_mounts[i].clone();
+            self.skip(path, why.to_owned());
+        }
+        self.mount_paths = paths;
+    }
+
     fn skip(&mut self, path: String, why: String) {
         tracing::warn!(event = "wipe.skipped", path = %path, reason = %why, "wipe left an entry");
         self.report.skipped.push((path, why));
     }
 
     fn skip_mount(&mut self, name: &CStr) {
+        let raw = self.raw_path(name);
+        self.mount_paths.push(raw);
         let path = self.path(Some(name));
         tracing::warn!(event = "wipe.skipped_mount", path = %path, "mount point inside the wiped directory left untouched");
         self.report.skipped_mounts.push(path);
@@ -369,7 +449,7 @@ impl Walk {
     fn entry(&mut self, name: CString) {
         for _ in 0..MAX_ATTEMPTS {
             let parent_meta = self.stack.last().expect("non-empty stack").meta;
-            let meta = match fsutil::stat_at(self.top_fd(), &name) {
+            let meta = match self.stat_at(&name) {
                 Ok(m) => m,
                 Err(Errno::ENOENT) => return,
                 Err(errno) => {
@@ -379,7 +459,14 @@ impl Walk {
                     return;
                 }
             };
-            if parent_meta.other_mount(&meta) {
+            // A device differing from the directory's means a mount only for directories:
+            // gVisor's overlay gives files their layer's device.
+            let crosses = if meta.kind == Kind::Dir {
+                parent_meta.other_mount(&meta)
+            } else {
+                parent_meta.other_mount_id(&meta)
+            };
+            if crosses || self.listed_mount_point(&name) {
                 self.skip_mount(&name);
                 return;
             }
@@ -422,7 +509,7 @@ impl Walk {
                 return Step::Done;
             }
         };
-        let opened_meta = match fsutil::stat_fd(fd.as_fd()) {
+        let opened_meta = match self.stat_fd(fd.as_fd()) {
             Ok(m) => m,
             Err(errno) => {
                 let path = self.path(Some(name));
@@ -436,6 +523,18 @@ impl Walk {
         }
         let parent_meta = self.stack.last().expect("non-empty stack").meta;
         if parent_meta.other_mount(&opened_meta) {
+            self.skip_mount(name);
+            return Step::Done;
+        }
+        // The inode mounted somewhere below: a mount point that moved since the table was
+        // read, or the source of a bind mount inside the workspace (tenant data, wiped).
+        // The table read now, and the path of the fd we hold, tell which.
+        if self
+            .mounts
+            .as_ref()
+            .is_some_and(|m| m.is_mounted_root(&opened_meta))
+            && mounts::Mounts::fd_is_mount_point(fd.as_fd())
+        {
             self.skip_mount(name);
             return Step::Done;
         }
@@ -458,7 +557,7 @@ impl Walk {
     fn unlock_dir(&mut self, name: &CStr, meta: &Meta) -> Step {
         let result = (|| {
             let opath = fsutil::open_path_nofollow(self.top_fd(), name)?;
-            let m = fsutil::stat_fd(opath.as_fd())?;
+            let m = self.stat_fd(opath.as_fd())?;
             if !m.same_object(meta) || m.kind != Kind::Dir {
                 return Ok(false);
             }

@@ -452,5 +452,6 @@ pub fn descendants(root: u32) -> Vec<(u32, char)> {
 pub mod cgroup;
 pub mod docker;
 pub mod exec;
+pub mod gvisor;
 pub mod identity;
 pub mod workspace;

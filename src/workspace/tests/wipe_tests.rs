@@ -13,7 +13,10 @@ use std::time::{Duration, Instant};
 
 fn opts(openat2: bool, max_open_dirs: usize) -> WipeOptions {
     WipeOptions {
-        resolve: Resolve { openat2 },
+        resolve: Resolve {
+            openat2,
+            mount_ids: true,
+        },
         max_open_dirs,
         can_clear_immutable: true,
         pending_budget: super::super::wipe::PENDING_BUDGET,
@@ -25,6 +28,19 @@ fn wipe_with(fx: &Fixture, o: WipeOptions) -> WipeReport {
     let fd =
         layout::open_workspace(inner.root_fd.as_fd(), &inner.root_meta, &inner.root_s).unwrap();
     wipe_contents(fd, "workspace", o).unwrap()
+}
+
+/// Wipes the workspace through an fd opened on this thread: in a test's own mount
+/// namespace an fd opened before `unshare` walks the old namespace's mounts and would
+/// never meet the test's.
+fn wipe_opened_here(fx: &Fixture, o: WipeOptions) -> Option<WipeReport> {
+    let fd = nix::fcntl::open(
+        &fx.ws(),
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .ok()?;
+    Some(wipe_contents(fd, "workspace", o).unwrap())
 }
 
 /// Both resolution modes: the kernel's `openat2` and the checked fallback (gVisor).
@@ -605,7 +621,7 @@ fn bind_mounts_inside_the_workspace_are_skipped_and_reported() {
             {
                 return None;
             }
-            Some(wipe_with(&fx2, opts(openat2, 128)))
+            wipe_opened_here(&fx2, opts(openat2, 128))
         });
         let Some(Some(report)) = outcome else {
             eprintln!("skipped: cannot create a mount namespace or bind mount here");
@@ -625,5 +641,169 @@ fn bind_mounts_inside_the_workspace_are_skipped_and_reported() {
         let report = wipe_with(&fx, opts(openat2, 128));
         assert!(report.fully_wiped, "{report:?}");
         assert_ws_empty(&fx);
+    }
+}
+
+/// A kernel without `openat2` and without mount ids (gVisor): a bind mount of the same
+/// file system has the parent's `st_dev`, so only /proc/self/mountinfo tells it is a
+/// mount point. It must be skipped before anything below it is touched.
+#[test]
+fn same_filesystem_bind_mount_is_never_descended_without_mount_ids() {
+    if !is_root() {
+        eprintln!("skipped: bind mounts need root");
+        return;
+    }
+    let no_ids = WipeOptions {
+        resolve: Resolve {
+            openat2: false,
+            mount_ids: false,
+        },
+        ..opts(false, 128)
+    };
+    let fx = fixture();
+    let ws = fx.ws();
+    std::fs::create_dir_all(ws.join("sub/mnt")).unwrap();
+    std::fs::create_dir_all(ws.join("src")).unwrap();
+    std::fs::write(ws.join("src/inner"), b"tenant").unwrap();
+    std::fs::create_dir_all(ws.join("srcbind")).unwrap();
+    std::fs::write(ws.join("tokenmount"), b"").unwrap();
+    std::fs::write(ws.join("plain"), b"x").unwrap();
+    let before = outside_snapshot(&fx);
+    let data = fx.outside.join("data");
+    let token = fx.outside.join("token");
+    let fx = std::sync::Arc::new(fx);
+    let fx2 = fx.clone();
+    let outcome = in_private_mount_ns(move || {
+        use nix::mount::{mount, MsFlags};
+        let ws = fx2.ws();
+        let bind = MsFlags::MS_BIND;
+        for (from, to) in [
+            (data.clone(), ws.join("sub/mnt")),
+            (token.clone(), ws.join("tokenmount")),
+            // A bind of a directory of the workspace itself: its source is tenant data
+            // (wiped), its mount point is not descended.
+            (ws.join("src"), ws.join("srcbind")),
+        ] {
+            mount(Some(&from), &to, None::<&str>, bind, None::<&str>).ok()?;
+        }
+        wipe_opened_here(&fx2, no_ids)
+    });
+    let Some(Some(report)) = outcome else {
+        eprintln!("skipped: cannot create a mount namespace or bind mount here");
+        return;
+    };
+    assert_outside_unchanged(&fx, &before);
+    let mut mounts = report.skipped_mounts.clone();
+    mounts.sort();
+    assert_eq!(
+        mounts,
+        vec![
+            "srcbind".to_owned(),
+            "sub/mnt".to_owned(),
+            "tokenmount".to_owned()
+        ],
+        "{report:?}"
+    );
+    assert!(!report.fully_wiped);
+    assert!(report.skipped.is_empty(), "{report:?}");
+    assert!(!ws.join("plain").exists() && !ws.join("src").exists());
+    let report = wipe_with(&fx, no_ids);
+    assert!(report.fully_wiped, "{report:?}");
+    assert_ws_empty(&fx);
+}
+
+/// An overlay whose layers are on different file systems (here: the lower on the test's
+/// disk, the upper on a tmpfs) gives directories the overlay's device and files their
+/// layer's, as gVisor's overlay does. Files are tenant data, not mount points: all go,
+/// and nothing is reported as a mount.
+#[test]
+fn overlay_files_with_their_layers_device_are_wiped() {
+    if !is_root() {
+        eprintln!("skipped: mounting an overlay needs root");
+        return;
+    }
+    for mount_ids in [true, false] {
+        let fx = fixture();
+        let lower = fx.tmp.path().join("lower");
+        std::fs::create_dir_all(lower.join("dir/sub")).unwrap();
+        std::fs::write(lower.join("lowerfile"), b"lower").unwrap();
+        std::fs::write(lower.join("dir/sub/deep"), b"lower").unwrap();
+        let layers = fx.tmp.path().join("layers");
+        std::fs::create_dir_all(&layers).unwrap();
+        let before = outside_snapshot(&fx);
+        let fx = std::sync::Arc::new(fx);
+        let fx2 = fx.clone();
+        let o = WipeOptions {
+            resolve: Resolve {
+                openat2: false,
+                mount_ids,
+            },
+            ..opts(false, 128)
+        };
+        let outcome = in_private_mount_ns(move || {
+            use nix::mount::{mount, MsFlags};
+            mount(
+                Some("tmpfs"),
+                &layers,
+                Some("tmpfs"),
+                MsFlags::empty(),
+                None::<&str>,
+            )
+            .ok()?;
+            std::fs::create_dir_all(layers.join("upper")).ok()?;
+            std::fs::create_dir_all(layers.join("work")).ok()?;
+            let data = format!(
+                "lowerdir={},upperdir={},workdir={},xino=off",
+                lower.display(),
+                layers.join("upper").display(),
+                layers.join("work").display()
+            );
+            let ws = fx2.ws();
+            mount(
+                Some("overlay"),
+                &ws,
+                Some("overlay"),
+                MsFlags::empty(),
+                Some(data.as_str()),
+            )
+            .ok()?;
+            std::fs::write(ws.join("upperfile"), b"upper").ok()?;
+            std::fs::write(ws.join("dir/upper2"), b"upper").ok()?;
+            std::os::unix::fs::symlink("/etc/passwd", ws.join("dir/link")).ok()?;
+            use std::os::unix::fs::MetadataExt;
+            let dir_dev = std::fs::symlink_metadata(ws.join("dir")).ok()?.dev();
+            let file_dev = std::fs::symlink_metadata(ws.join("upperfile")).ok()?.dev();
+            if dir_dev == file_dev {
+                return Some(Err(
+                    "this kernel's overlay gives files the directory's device",
+                ));
+            }
+            let report = wipe_opened_here(&fx2, o)?;
+            let left: Vec<_> = std::fs::read_dir(&ws)
+                .ok()?
+                .flatten()
+                .map(|e| e.path())
+                .collect();
+            Some(Ok((report, left)))
+        });
+        let (report, left) = match outcome {
+            Some(Some(Ok(r))) => r,
+            Some(Some(Err(why))) => {
+                eprintln!("skipped: {why}");
+                return;
+            }
+            _ => {
+                eprintln!("skipped: cannot mount a tmpfs and an overlay in a mount namespace here");
+                return;
+            }
+        };
+        assert!(
+            report.skipped_mounts.is_empty(),
+            "mount_ids={mount_ids}: {report:?}"
+        );
+        assert!(report.fully_wiped, "mount_ids={mount_ids}: {report:?}");
+        assert_eq!(report.files_removed, 5, "mount_ids={mount_ids}: {report:?}");
+        assert!(left.is_empty(), "{left:?}");
+        assert_outside_unchanged(&fx, &before);
     }
 }
