@@ -4,9 +4,9 @@
 //! log) or through sessions (gVisor's own `/proc`): no `/proc/<pid>/task/<tid>/children`,
 //! no mount namespace. Skips, naming what is missing, without runsc or root.
 //!
-//! Sessions run as root here: this gVisor has no `setfsuid`/`setfsgid` (ENOSYS), on which
-//! the supervisor's check of a session's paths as the sandbox user aborts
-//! (`sandbox_user_sessions_need_setfsuid`, ignored until src/exec handles it).
+//! Sessions run as the unprivileged sandbox user, as in a pod. This gVisor has no
+//! `setfsuid`/`setfsgid` (ENOSYS): the supervisor then checks a session's paths as root
+//! (`exec.user_view_unavailable`), which `sandbox_user_sessions_without_setfsuid` pins.
 
 mod common;
 
@@ -20,8 +20,14 @@ use sandbox_supervisor::gateway::ExecEvent;
 use sandbox_supervisor::proto::exit_status::How;
 use std::time::{Duration, Instant};
 
-/// An environment whose sessions run as root (see the module comment).
+/// An environment whose sessions run as the sandbox user (see the module comment).
 async fn env(tag: &str) -> Env {
+    Env::new(tag).await
+}
+
+/// For the two tests whose tenant needs root: to plant traps only root can make, and
+/// to send `kill 1` as root from inside (which PID 1 must ignore).
+async fn root_env(tag: &str) -> Env {
     let mut env = Env::new(tag).await;
     env.sandbox_user = "root".into();
     env
@@ -33,7 +39,12 @@ const ROOT_SESSIONS: &[&str] = &["--allow-root-sessions"];
 /// refuses (exit 65, reason `tombstone`) without registering.
 fn restart_refuses(g: &Gvisor, env: &Env) {
     let before = env.gateway.stats(&env.pod.pod_name).register_attempts;
-    let mut sup = g.spawn(env, Fs::Host, ROOT_SESSIONS);
+    let extra = if env.sandbox_user == "root" {
+        ROOT_SESSIONS
+    } else {
+        &[]
+    };
+    let mut sup = g.spawn(env, Fs::Host, extra);
     let code = sup.wait_exit(Duration::from_secs(60));
     assert_eq!(code, Some(65), "{}", sup.logs());
     assert_eq!(
@@ -57,7 +68,7 @@ async fn gvisor_full_lifecycle_release_and_refusal_on_restart() {
     require_gvisor!();
     let env = env("gv-life").await;
     let g = Gvisor::new("life");
-    let (mut sup, sandbox) = g.bound(&env, Fs::Host, ROOT_SESSIONS).await;
+    let (mut sup, sandbox) = g.bound(&env, Fs::Host, &[]).await;
 
     let caps = event(&sup, "platform.capabilities").expect("a platform.capabilities event");
     assert_eq!(caps["gvisor"], true, "{caps}");
@@ -132,7 +143,7 @@ async fn gvisor_pipe_and_pty_sessions_with_resize() {
     require_gvisor!();
     let env = env("gv-pty").await;
     let g = Gvisor::new("pty");
-    let (_sup, sandbox) = g.bound(&env, Fs::Host, ROOT_SESSIONS).await;
+    let (_sup, sandbox) = g.bound(&env, Fs::Host, &[]).await;
 
     let mut s = spec(&["cat"]);
     s.stdin = true;
@@ -241,16 +252,14 @@ async fn read_for(
     true
 }
 
-/// After a resize the shell gets SIGWINCH. gVisor's PTY does not send it, and the
-/// supervisor's own SIGWINCH goes to the group `tcgetpgrp` on the master names, which
-/// this gVisor refuses (ENOTTY: its PTY master has no TIOCGPGRP).
+/// After a resize the shell gets SIGWINCH. gVisor's PTY does not send it, and its PTY
+/// master answers no TIOCGPGRP (ENOTTY): the supervisor sends it to the session's group.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "gVisor 20221219: the PTY master lacks TIOCGPGRP (ENOTTY), so src/exec/session.rs resize finds no foreground group to send SIGWINCH to; run with --ignored once it falls back to the session's group"]
 async fn pty_resize_signals_the_shell() {
     require_gvisor!();
     let env = env("gv-winch").await;
     let g = Gvisor::new("winch");
-    let (_sup, sandbox) = g.bound(&env, Fs::Host, ROOT_SESSIONS).await;
+    let (_sup, sandbox) = g.bound(&env, Fs::Host, &[]).await;
     let mut s = spec(&["/bin/sh"]);
     s.tty = exec_tty(80, 24);
     s.stdin = true;
@@ -283,7 +292,7 @@ const COUNT_ZOMBIES: &str = r#"z=0; for f in /proc/[0-9]*/stat; do read -r l < "
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gvisor_orphans_reaped_signals_and_outside_sigterm() {
     require_gvisor!();
-    let env = env("gv-sig").await;
+    let env = root_env("gv-sig").await;
     let g = Gvisor::new("sig");
     let (mut sup, sandbox) = g.bound(&env, Fs::Host, ROOT_SESSIONS).await;
 
@@ -352,7 +361,7 @@ async fn gvisor_orphans_reaped_signals_and_outside_sigterm() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gvisor_hostile_workspace_and_same_filesystem_bind_mount_are_wiped_safely() {
     require_gvisor!();
-    let env = env("gv-wipe").await;
+    let env = root_env("gv-wipe").await;
     plant_outside(&env);
     let g = Gvisor::new("wipe");
     let (mut sup, sandbox) = g.bound(&env, Fs::Host, ROOT_SESSIONS).await;
@@ -422,7 +431,7 @@ async fn gvisor_workspace_on_the_overlay_is_wiped() {
     require_gvisor!();
     let env = env("gv-ovl").await;
     let g = Gvisor::new("ovl");
-    let (mut sup, sandbox) = g.bound(&env, Fs::Overlay, ROOT_SESSIONS).await;
+    let (mut sup, sandbox) = g.bound(&env, Fs::Overlay, &[]).await;
     let out = ok(
         &sandbox,
         sh(r#"set -e
@@ -464,10 +473,10 @@ echo planted"#),
 
 /// Sessions as the (non-root) sandbox user. The supervisor checks a session's working
 /// directory and program as that user by switching the thread's fsuid; this gVisor has
-/// no setfsuid/setfsgid (ENOSYS), and the restore in src/exec/spec.rs `as_user` aborts.
+/// no setfsuid/setfsgid (ENOSYS), so it checks them as root and says so (it aborted
+/// every session before, restoring credentials it had never changed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "gVisor 20221219 lacks setfsuid/setfsgid (ENOSYS): src/exec/spec.rs as_user aborts the supervisor; run with --ignored once it falls back"]
-async fn sandbox_user_sessions_need_setfsuid() {
+async fn sandbox_user_sessions_without_setfsuid() {
     require_gvisor!();
     let env = Env::new("gv-user").await;
     let g = Gvisor::new("user");
@@ -480,4 +489,9 @@ async fn sandbox_user_sessions_need_setfsuid() {
         .await
         .unwrap();
     assert_eq!(out.stdout, b"nobody\n", "{}", sup.logs());
+    assert!(
+        sup.has_event("exec.user_view_unavailable"),
+        "{}",
+        sup.logs()
+    );
 }
