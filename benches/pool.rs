@@ -1,0 +1,851 @@
+//! Pool scale (issue 15): what N parked supervisors cost at one gateway, and how claim
+//! latency grows with N and the claim rate K.
+//!
+//! ```text
+//! cargo bench --locked --profile profiling --bench pool        # N=50,100,200 × K=10,50,100
+//! cargo bench --locked --profile profiling --bench pool -- --pools 500 --rates 100,200
+//! ```
+//!
+//! Per pool size N: N real supervisors (PID 1 of their own PID namespace when root), each
+//! with its own volume, token and annotations file, park at ONE reference gateway (TLS,
+//! the gateway's default heartbeat interval). Idle figures are measured over a quiet
+//! window: RSS split private / shared (smaps_rollup) and CPU per minute, beside tini.
+//! Then, per rate K, an open-loop storm claims half the pool at K claims/s; each claim
+//! binds and runs one `/bin/true` session. The claimed pods are killed and replaced
+//! before the next storm, so every storm starts from N parked. Once per run: the exec
+//! round trip beside a local spawn and `docker exec` of `/bin/true`.
+//!
+//! Writes `bench-out/pool.json` (`--out`), which `scripts/pool_plot.py` plots. Every
+//! supervisor is killed on the way out (Drop guards; a parent-death signal covers a
+//! bench that is killed itself).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::{launch, spec, Launch, Supervisor, TempDir, AUDIENCE, BIN};
+use sandbox_supervisor::gateway::issuer::{
+    write_annotations, write_projected, LocalIssuer, PodSpec,
+};
+use sandbox_supervisor::gateway::pki::{write_pki, ServerTls, Validity};
+use sandbox_supervisor::gateway::{ClaimOptions, ExecEvent, GatewayConfig, ReferenceGateway};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+struct Opts {
+    pools: Vec<usize>,
+    rates: Vec<f64>,
+    claims: Option<usize>,
+    idle_secs: u64,
+    heartbeat: Option<Duration>,
+    out: PathBuf,
+    docker: bool,
+}
+
+fn list<T: std::str::FromStr>(v: &str) -> Vec<T> {
+    v.split(',').filter_map(|s| s.trim().parse().ok()).collect()
+}
+
+fn opts() -> Opts {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let get = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1).cloned())
+    };
+    let quick = args.iter().any(|a| a == "--quick");
+    Opts {
+        pools: get("--pools").map(|v| list(&v)).unwrap_or_else(|| {
+            if quick {
+                vec![20]
+            } else {
+                vec![50, 100, 200]
+            }
+        }),
+        rates: get("--rates").map(|v| list(&v)).unwrap_or_else(|| {
+            if quick {
+                vec![10.0, 50.0]
+            } else {
+                vec![10.0, 50.0, 100.0]
+            }
+        }),
+        claims: get("--claims").and_then(|v| v.parse().ok()),
+        idle_secs: get("--idle-secs")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(if quick { 5 } else { 20 }),
+        heartbeat: get("--heartbeat-ms")
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_millis),
+        out: get("--out")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("bench-out/pool.json")),
+        docker: !args.iter().any(|a| a == "--no-docker"),
+    }
+}
+
+/// Linear-interpolated percentile (PerfKitBenchmarker's definition), 0 when empty.
+fn pct(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let rank = (s.len() - 1) as f64 * p / 100.0;
+    let (lo, hi) = (rank.floor() as usize, rank.ceil() as usize);
+    s[lo] + (s[hi] - s[lo]) * (rank - lo as f64)
+}
+
+fn max(v: &[f64]) -> f64 {
+    v.iter().cloned().fold(0.0, f64::max)
+}
+
+fn ms(s: f64) -> String {
+    format!("{:.2}", s * 1e3)
+}
+
+/// One supervisor of the pool and the files only it uses.
+struct Pod {
+    name: String,
+    dir: PathBuf,
+    sup: Supervisor,
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        self.sup.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// One gateway and the supervisors parked at it. Dropping it kills every supervisor.
+struct Pool {
+    pods: Vec<Pod>,
+    gateway: ReferenceGateway,
+    issuer: LocalIssuer,
+    root: TempDir,
+    ca: PathBuf,
+    program: String,
+    launch: Launch,
+    user: String,
+    seq: usize,
+}
+
+impl Pool {
+    async fn new(program: String, heartbeat: Option<Duration>) -> Pool {
+        let root = TempDir::new("pool");
+        for d in ["pki", "seed"] {
+            std::fs::create_dir_all(root.0.join(d)).unwrap();
+        }
+        std::fs::write(root.0.join("seed/README.md"), "seeded\n").unwrap();
+        let issuer = LocalIssuer::generate("https://kubernetes.default.svc.cluster.local").unwrap();
+        let mut cfg = GatewayConfig::for_tests(issuer.public_key_pem());
+        if let Some(hb) = heartbeat {
+            cfg.heartbeat_interval = hb;
+        }
+        let (_ca, server, files) =
+            write_pki(&root.0.join("pki"), &["localhost"], Validity::Current).unwrap();
+        cfg.tls = Some(ServerTls {
+            server,
+            client_ca_pem: None,
+        });
+        let gateway = ReferenceGateway::start(cfg).await.unwrap();
+        let user = if common::is_root() {
+            "nobody".to_string()
+        } else {
+            nix::unistd::geteuid().as_raw().to_string()
+        };
+        Pool {
+            pods: vec![],
+            gateway,
+            issuer,
+            ca: files.ca_cert,
+            root,
+            program,
+            launch: launch(),
+            user,
+            seq: 0,
+        }
+    }
+
+    /// Starts one supervisor for a new pod: its own token, annotations and volume.
+    fn spawn(&mut self) -> Pod {
+        self.seq += 1;
+        let name = format!("pool-{}", self.seq);
+        let pod = PodSpec::new(&name);
+        let dir = self.root.0.join(&name);
+        for d in ["token", "podinfo", "volume"] {
+            std::fs::create_dir_all(dir.join(d)).unwrap();
+        }
+        let token = self
+            .issuer
+            .mint_for(&pod, AUDIENCE, Duration::from_secs(7200))
+            .unwrap();
+        write_projected(&dir.join("token"), &token).unwrap();
+        // A downward-API file as a pod has one (the claim key absent until claimed).
+        let mut ann = BTreeMap::new();
+        ann.insert("kubernetes.io/config.source".to_string(), "api".to_string());
+        write_annotations(&dir.join("podinfo/annotations"), &ann).unwrap();
+        let p = |p: PathBuf| p.display().to_string();
+        let port = self.gateway.local_addr().port();
+        let args = vec![
+            "run".to_string(),
+            "--volume".into(),
+            p(dir.join("volume")),
+            "--seed-dir".into(),
+            p(self.root.0.join("seed")),
+            "--gateway".into(),
+            format!("https://localhost:{port}"),
+            "--gateway-ca".into(),
+            p(self.ca.clone()),
+            "--token-path".into(),
+            p(dir.join("token/token")),
+            "--audience".into(),
+            AUDIENCE.into(),
+            "--pod-name".into(),
+            name.clone(),
+            "--pod-namespace".into(),
+            pod.namespace.clone(),
+            "--pod-uid".into(),
+            pod.pod_uid.clone(),
+            "--annotations-path".into(),
+            p(dir.join("podinfo/annotations")),
+            "--sandbox-user".into(),
+            self.user.clone(),
+            "--listen-probes".into(),
+            "off".into(),
+            "--log-format".into(),
+            "json".into(),
+            "--log-level".into(),
+            "info".into(),
+        ];
+        let mut cmd = match self.launch {
+            Launch::Pid1 => {
+                let mut c = Command::new("unshare");
+                c.args(["--pid", "--fork", "--mount-proc", "--kill-child"])
+                    .arg(&self.program);
+                c
+            }
+            Launch::Subreaper => Command::new(&self.program),
+        };
+        let log = dir.join("supervisor.log");
+        cmd.args(&args)
+            .env_clear()
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory: a
+        // bench killed before its Drop guards run still takes its pool down with it.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("spawn supervisor");
+        Pod {
+            name,
+            dir,
+            sup: Supervisor {
+                child: Some(child),
+                log,
+                launch: self.launch,
+            },
+        }
+    }
+
+    /// Grows the pool to `n` parked pods, in waves so boot does not starve the gateway.
+    async fn fill(&mut self, n: usize) {
+        let t = Instant::now();
+        while self.pods.len() < n {
+            let wave: Vec<Pod> = (0..(n - self.pods.len()).min(25))
+                .map(|_| self.spawn())
+                .collect();
+            for pod in &wave {
+                if let Err(e) = self
+                    .gateway
+                    .wait_parked(&pod.name, Duration::from_secs(60))
+                    .await
+                {
+                    panic!("{} did not park: {e:#}\n{}", pod.name, pod.sup.logs());
+                }
+            }
+            self.pods.extend(wave);
+        }
+        eprintln!("pool: {n} parked after {:.1?}", t.elapsed());
+    }
+}
+
+/// CPU time of a process, all threads: utime+stime in clock ticks (/proc/PID/stat), and
+/// the scheduler's nanoseconds summed over its threads (/proc/PID/task/*/schedstat).
+fn cpu(pid: u32) -> (u64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let ticks = stat
+        .rfind(')')
+        .map(|i| {
+            let f: Vec<&str> = stat[i + 2..].split(' ').collect();
+            f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+                + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        })
+        .unwrap_or(0);
+    let mut ns = 0;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let s = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+        ns += s
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    (ticks, ns)
+}
+
+/// KiB from smaps_rollup: (rss, private, shared, pss).
+fn memory(pid: u32) -> (u64, u64, u64, u64) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    let field = |name: &str| -> u64 {
+        text.lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum()
+    };
+    (
+        field("Rss:"),
+        field("Private_Clean:") + field("Private_Dirty:"),
+        field("Shared_Clean:") + field("Shared_Dirty:"),
+        field("Pss:"),
+    )
+}
+
+fn clk_tck() -> f64 {
+    // SAFETY: sysconf reads a constant and has no preconditions.
+    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
+}
+
+/// Per parked pod over a quiet window: memory and CPU per minute, and the gateway's
+/// CPU per parked pod (the bench process is the gateway while it waits).
+async fn idle(pool: &Pool, secs: u64, tini: Option<u32>) -> Value {
+    tokio::time::sleep(Duration::from_secs(3)).await; // boot and the last parks settle
+    let pids: Vec<u32> = pool.pods.iter().map(|p| p.sup.host_pid()).collect();
+    let me = std::process::id();
+    let before: Vec<(u64, u64)> = pids.iter().map(|&p| cpu(p)).collect();
+    let (gw0, tini0) = (cpu(me), tini.map(cpu));
+    let t = Instant::now();
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    let per_min = 60.0 / t.elapsed().as_secs_f64();
+    let after: Vec<(u64, u64)> = pids.iter().map(|&p| cpu(p)).collect();
+    let (gw1, tini1) = (cpu(me), tini.map(cpu));
+    let n = pids.len() as f64;
+    let ticks: u64 = before.iter().zip(&after).map(|(b, a)| a.0 - b.0).sum();
+    let ns: u64 = before.iter().zip(&after).map(|(b, a)| a.1 - b.1).sum();
+    let mems: Vec<(u64, u64, u64, u64)> = pids.iter().map(|&p| memory(p)).collect();
+    let mean = |f: fn(&(u64, u64, u64, u64)) -> u64| mems.iter().map(f).sum::<u64>() as f64 / n;
+    let mut v = json!({
+        "n": pids.len(),
+        "window_s": t.elapsed().as_secs_f64(),
+        "rss_kib": mean(|m| m.0),
+        "private_kib": mean(|m| m.1),
+        "shared_kib": mean(|m| m.2),
+        "pss_kib": mean(|m| m.3),
+        "cpu_ms_per_min_stat": ticks as f64 / clk_tck() * 1e3 / n * per_min,
+        "cpu_ms_per_min_sched": ns as f64 / 1e6 / n * per_min,
+        "gateway_cpu_ms_per_min_per_pod": (gw1.1 - gw0.1) as f64 / 1e6 / n * per_min,
+    });
+    if let (Some(pid), Some(a), Some(b)) = (tini, tini0, tini1) {
+        let m = memory(pid);
+        v["tini"] = json!({
+            "rss_kib": m.0, "private_kib": m.1, "shared_kib": m.2, "pss_kib": m.3,
+            "cpu_ms_per_min_stat": (b.0 - a.0) as f64 / clk_tck() * 1e3 * per_min,
+            "cpu_ms_per_min_sched": (b.1 - a.1) as f64 / 1e6 * per_min,
+        });
+    }
+    v
+}
+
+#[derive(Default, Clone)]
+struct Record {
+    requested: f64,
+    bound: Option<f64>,
+    first: Option<f64>,
+    done: Option<f64>,
+    warm: bool,
+    error: Option<&'static str>,
+}
+
+/// Claim `name`, wait for its relay, run `/bin/true`. Times are seconds after `base`.
+async fn one_claim(gw: ReferenceGateway, name: String, base: Instant) -> Record {
+    let warm = gw.wait_parked(&name, Duration::ZERO).await.is_ok();
+    let t0 = Instant::now();
+    let mut r = Record {
+        requested: (t0 - base).as_secs_f64(),
+        warm,
+        ..Default::default()
+    };
+    let at = |t: Instant| Some((t - base).as_secs_f64());
+    let Ok(sb) = gw.claim(&name, ClaimOptions::default()).await else {
+        r.error = Some("ClaimFailed");
+        return r;
+    };
+    if gw
+        .wait_connected(sb.id(), Duration::from_secs(30))
+        .await
+        .is_err()
+    {
+        r.error = Some("BindTimeout");
+        return r;
+    }
+    r.bound = at(Instant::now());
+    let Ok(mut exec) = sb.exec(spec(&["/bin/true"])).await else {
+        r.error = Some("ExecFailed");
+        return r;
+    };
+    loop {
+        match exec.next().await {
+            Some(ev) => {
+                if r.first.is_none() {
+                    r.first = at(Instant::now());
+                }
+                if let ExecEvent::Exited(s) = ev {
+                    if s.status != 0 {
+                        r.error = Some("ExitNonZero");
+                    }
+                    break;
+                }
+            }
+            None => {
+                r.error = Some("SessionLost");
+                break;
+            }
+        }
+    }
+    r.done = at(Instant::now());
+    r
+}
+
+/// An open-loop storm: `claims` parked pods claimed at `rate` per second.
+async fn storm(pool: &mut Pool, n: usize, rate: f64, claims: usize) -> Value {
+    let base = Instant::now();
+    let inflight = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let mut tasks = vec![];
+    for (i, pod) in pool.pods.iter().take(claims).enumerate() {
+        tokio::time::sleep_until((base + Duration::from_secs_f64(i as f64 / rate)).into()).await;
+        let (gw, name) = (pool.gateway.clone(), pod.name.clone());
+        let (inflight, peak) = (Arc::clone(&inflight), Arc::clone(&peak));
+        tasks.push(tokio::spawn(async move {
+            let now = inflight.fetch_add(1, Ordering::SeqCst) + 1;
+            peak.fetch_max(now, Ordering::SeqCst);
+            let r = one_claim(gw, name, base).await;
+            inflight.fetch_sub(1, Ordering::SeqCst);
+            r
+        }));
+    }
+    let mut recs = vec![];
+    for t in tasks {
+        recs.push(t.await.unwrap_or_else(|_| Record {
+            error: Some("Panicked"),
+            ..Default::default()
+        }));
+    }
+    // The supervisor's own activation → relay accepted, from its log.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let bind_sup: Vec<f64> = pool.pods[..claims]
+        .iter()
+        .filter_map(|p| {
+            p.sup
+                .events()
+                .iter()
+                .find(|e| e["event"] == "identity.relay_accepted")
+                .and_then(|e| e["bind_us"].as_f64())
+                .map(|us| us / 1e6)
+        })
+        .collect();
+    let ok: Vec<&Record> = recs.iter().filter(|r| r.error.is_none()).collect();
+    let bound: Vec<f64> = ok.iter().map(|r| r.bound.unwrap() - r.requested).collect();
+    let first: Vec<f64> = ok.iter().map(|r| r.first.unwrap() - r.requested).collect();
+    let exec: Vec<f64> = ok
+        .iter()
+        .map(|r| r.done.unwrap() - r.bound.unwrap())
+        .collect();
+    let req: Vec<f64> = recs.iter().map(|r| r.requested).collect();
+    let first_req = req.iter().cloned().fold(f64::INFINITY, f64::min);
+    let submit_span = max(&req) - first_req;
+    let done_span = ok.iter().map(|r| r.done.unwrap()).fold(0.0, f64::max) - first_req;
+    let ready_span = ok.iter().map(|r| r.bound.unwrap()).fold(0.0, f64::max) - first_req;
+    let rate_of = |count: usize, span: f64| if span > 0.0 { count as f64 / span } else { 0.0 };
+    let mut errors: BTreeMap<String, usize> = BTreeMap::new();
+    for e in recs.iter().filter_map(|r| r.error) {
+        *errors.entry(e.to_string()).or_default() += 1;
+    }
+    let summary = |v: &[f64]| json!({"p50": pct(v, 50.0), "p99": pct(v, 99.0), "max": max(v)});
+    let mut pkb = serde_json::Map::new();
+    for p in [50.0, 90.0, 95.0, 99.0] {
+        pkb.insert(format!("startup_time_p{p}"), json!(pct(&bound, p)));
+    }
+    pkb.insert("startup_time_max".into(), json!(max(&bound)));
+    for p in [50.0, 90.0, 95.0, 99.0] {
+        pkb.insert(format!("exec_duration_s_p{p}"), json!(pct(&exec, p)));
+    }
+    pkb.insert("exec_duration_s_max".into(), json!(max(&exec)));
+    pkb.insert("submit_qps".into(), json!(rate_of(recs.len(), submit_span)));
+    // PKB's completion window ends at the last Ready; ours also reports the last exit.
+    pkb.insert(
+        "completion_qps".into(),
+        json!(rate_of(ok.len(), ready_span)),
+    );
+    pkb.insert(
+        "peak_concurrency".into(),
+        json!(peak.load(Ordering::SeqCst)),
+    );
+    let warm = ok.iter().filter(|r| r.warm).count();
+    pkb.insert(
+        "warm_served_fraction".into(),
+        json!(if ok.is_empty() {
+            0.0
+        } else {
+            warm as f64 / ok.len() as f64
+        }),
+    );
+    pkb.insert("success_count".into(), json!(ok.len()));
+    pkb.insert("error_count".into(), json!(recs.len() - ok.len()));
+    for (k, c) in &errors {
+        pkb.insert(format!("error_count_{k}"), json!(c));
+    }
+    json!({
+        "n": n, "rate": rate, "claims": recs.len(),
+        "bound_s": summary(&bound), "first_event_s": summary(&first),
+        "supervisor_bind_s": summary(&bind_sup),
+        "sustained_claims_per_s": rate_of(ok.len(), done_span),
+        "failures": recs.len() - ok.len(),
+        "pkb": Value::Object(pkb),
+    })
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn print_report(report: &Value) {
+    let f = |v: &Value| v.as_f64().unwrap_or(0.0);
+    println!(
+        "\n# pool scale: {} ({} cores), binary {}, launch {}, heartbeat {} ms",
+        report["cpu"].as_str().unwrap_or(""),
+        report["cores"],
+        report["binary"].as_str().unwrap_or(""),
+        report["launch"].as_str().unwrap_or(""),
+        report["heartbeat_ms"]
+    );
+    println!("\n| parked | RSS / pod | private | shared | PSS | idle CPU / min / pod (stat) | (schedstat) | gateway CPU / min / parked pod |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    let kib = |v: &Value| format!("{:.0} KiB", f(v));
+    for i in report["idle"].as_array().into_iter().flatten() {
+        println!(
+            "| {} supervisors | {} | {} | {} | {} | {:.2} ms | {:.2} ms | {:.2} ms |",
+            i["n"],
+            kib(&i["rss_kib"]),
+            kib(&i["private_kib"]),
+            kib(&i["shared_kib"]),
+            kib(&i["pss_kib"]),
+            f(&i["cpu_ms_per_min_stat"]),
+            f(&i["cpu_ms_per_min_sched"]),
+            f(&i["gateway_cpu_ms_per_min_per_pod"])
+        );
+        if let Some(t) = i.get("tini") {
+            println!(
+                "| tini (same window) | {} | {} | {} | {} | {:.2} ms | {:.2} ms | — |",
+                kib(&t["rss_kib"]),
+                kib(&t["private_kib"]),
+                kib(&t["shared_kib"]),
+                kib(&t["pss_kib"]),
+                f(&t["cpu_ms_per_min_stat"]),
+                f(&t["cpu_ms_per_min_sched"])
+            );
+        }
+    }
+    println!("\n| N parked | K target | claims | submitted/s | sustained/s | activation → bound p50 / p99 / max (ms) | → exit of /bin/true p50 / p99 / max (ms) | supervisor bind p50 / p99 (ms) | peak in flight | failures |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    let three = |v: &Value| {
+        format!(
+            "{} / {} / {}",
+            ms(f(&v["p50"])),
+            ms(f(&v["p99"])),
+            ms(f(&v["max"]))
+        )
+    };
+    for s in report["storms"].as_array().into_iter().flatten() {
+        println!(
+            "| {} | {} | {} | {:.1} | {:.1} | {} | {} | {} / {} | {} | {} |",
+            s["n"],
+            s["rate"],
+            s["claims"],
+            f(&s["pkb"]["submit_qps"]),
+            f(&s["sustained_claims_per_s"]),
+            three(&s["bound_s"]),
+            three(&s["first_event_s"]),
+            ms(f(&s["supervisor_bind_s"]["p50"])),
+            ms(f(&s["supervisor_bind_s"]["p99"])),
+            s["pkb"]["peak_concurrency"],
+            s["failures"]
+        );
+    }
+    println!("\nPerfKitBenchmarker agent-sandbox samples (startup_time = claim → bound, seconds):");
+    for s in report["storms"].as_array().into_iter().flatten() {
+        let fields: Vec<String> = s["pkb"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| match v.as_f64() {
+                Some(x) if v.is_f64() => format!("{k}={x:.6}"),
+                _ => format!("{k}={v}"),
+            })
+            .collect();
+        println!("N={} K={}: {}", s["n"], s["rate"], fields.join(" "));
+    }
+    if let Some(e) = report.get("exec") {
+        println!("\n| exec of /bin/true, sequential | p50 | p99 | overhead p50 over local |");
+        println!("| --- | --- | --- | --- |");
+        for (label, key) in [
+            ("local spawn+wait", "local"),
+            ("sandbox-supervisor relay", "relay"),
+            ("docker exec", "docker"),
+        ] {
+            match e.get(key) {
+                Some(v) if v.get("p50").is_some() => println!(
+                    "| {label} (n={}) | {} ms | {} ms | {} |",
+                    v["n"],
+                    ms(f(&v["p50"])),
+                    ms(f(&v["p99"])),
+                    if key == "local" {
+                        "—".into()
+                    } else {
+                        format!("{} ms", ms(f(&v["p50"]) - f(&e["local"]["p50"])))
+                    }
+                ),
+                Some(v) => println!(
+                    "| {label} | skipped: {} | | |",
+                    v["skipped"].as_str().unwrap_or("")
+                ),
+                None => {}
+            }
+        }
+    }
+}
+
+/// Sequential `/bin/true` through one bound pod, beside a local spawn and docker exec.
+async fn exec_baselines(pool: &mut Pool, n: usize, docker: bool) -> Value {
+    let pod = pool.spawn();
+    pool.gateway
+        .wait_parked(&pod.name, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let sb = pool
+        .gateway
+        .claim(&pod.name, ClaimOptions::default())
+        .await
+        .unwrap();
+    pool.gateway
+        .wait_connected(sb.id(), Duration::from_secs(30))
+        .await
+        .unwrap();
+    let (mut relay, mut local) = (vec![], vec![]);
+    for _ in 0..n {
+        let t = Instant::now();
+        let out = sb
+            .exec(spec(&["/bin/true"]))
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(out.exit.status, 0);
+        relay.push(t.elapsed().as_secs_f64());
+    }
+    drop(pod);
+    for _ in 0..n {
+        let t = Instant::now();
+        Command::new("/bin/true").status().unwrap();
+        local.push(t.elapsed().as_secs_f64());
+    }
+    let s = |v: &[f64]| json!({"n": v.len(), "p50": pct(v, 50.0), "p99": pct(v, 99.0)});
+    let docker = if docker {
+        match docker_exec(30) {
+            Ok(v) => s(&v),
+            Err(why) => json!({"skipped": why}),
+        }
+    } else {
+        json!({"skipped": "--no-docker"})
+    };
+    json!({"local": s(&local), "relay": s(&relay), "docker": docker})
+}
+
+fn main() {
+    let o = opts();
+    let program = std::env::var("SSV_POOL_BINARY")
+        .or_else(|_| std::env::var("SSV_IDLE_BINARY"))
+        .unwrap_or_else(|_| BIN.to_string());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    let report = rt.block_on(async {
+        // The baseline pods would otherwise run: tini as PID 1 of a sleeping workload.
+        let mut tini = Command::new("tini");
+        tini.args(["--", "sleep", "1000"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // SAFETY: as in Pool::spawn, prctl only; tini must not outlive a killed bench.
+        unsafe {
+            tini.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let mut tini = tini.spawn().ok();
+        let mut idles = vec![];
+        let mut storms = vec![];
+        let mut exec = None;
+        let mut hb = 0;
+        for &n in &o.pools {
+            let mut pool = Pool::new(program.clone(), o.heartbeat).await;
+            hb = pool.gateway.config().heartbeat_interval.as_millis();
+            eprintln!("pool: N={n} launch={:?} binary={program}", pool.launch);
+            pool.fill(n).await;
+            idles.push(idle(&pool, o.idle_secs, tini.as_ref().map(|c| c.id())).await);
+            for &k in &o.rates {
+                let claims = o.claims.unwrap_or(n / 2).clamp(1, n);
+                let s = storm(&mut pool, n, k, claims).await;
+                eprintln!("pool: N={n} K={k}: {s}");
+                storms.push(s);
+                // The claimed pods are done: kill them and park replacements.
+                pool.pods.drain(..claims);
+                pool.fill(n).await;
+            }
+            if exec.is_none() {
+                exec = Some(exec_baselines(&mut pool, 200, o.docker).await);
+            }
+        }
+        if let Some(t) = tini.as_mut() {
+            // TERM, not KILL: tini passes it to its sleep and exits after it, leaving
+            // no orphan behind.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(t.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = t.wait();
+        }
+        json!({
+            "cpu": cpu_model(), "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            "binary": program, "launch": format!("{:?}", launch()), "heartbeat_ms": hb as u64,
+            "idle": idles, "storms": storms, "exec": exec,
+        })
+    });
+    print_report(&report);
+    if let Some(dir) = o.out.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    std::fs::write(&o.out, serde_json::to_string_pretty(&report).unwrap()).unwrap();
+    println!(
+        "\n(pool bench: {:.0} s; data in {})",
+        started.elapsed().as_secs_f64(),
+        o.out.display()
+    );
+}
+
+/// Removes the baseline's container and image, also when the bench fails midway.
+struct DockerGuard {
+    image: String,
+    container: Option<String>,
+}
+
+impl Drop for DockerGuard {
+    fn drop(&mut self) {
+        if let Some(c) = &self.container {
+            let _ = docker(&["rm", "-f", c]);
+        }
+        let _ = docker(&["rmi", "-f", &self.image]);
+    }
+}
+
+fn docker(args: &[&str]) -> Result<String, String> {
+    let out = Command::new("docker")
+        .args(args)
+        .env("DOCKER_BUILDKIT", "0")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("no docker client: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "docker {}: {}",
+            args.first().unwrap_or(&""),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// `docker exec CONTAINER /bin/true`, `n` times, into a running FROM-scratch container
+/// holding only a static busybox (as /bin/true and /bin/sleep). Seconds per call.
+fn docker_exec(n: usize) -> Result<Vec<f64>, String> {
+    docker(&["info", "--format", "{{.ServerVersion}}"])?;
+    let busybox = Path::new("/bin/busybox");
+    if !busybox.is_file() {
+        return Err("no static busybox at /bin/busybox (apt-get install busybox-static)".into());
+    }
+    let ctx = TempDir::new("pool-docker");
+    std::fs::copy(busybox, ctx.0.join("busybox")).map_err(|e| e.to_string())?;
+    std::fs::write(
+        ctx.0.join("Dockerfile"),
+        "FROM scratch\nCOPY busybox /bin/true\nCOPY busybox /bin/sleep\nCMD [\"/bin/sleep\", \"3600\"]\n",
+    )
+    .map_err(|e| e.to_string())?;
+    let mut guard = DockerGuard {
+        image: format!("ssv-bench-true:{}", std::process::id()),
+        container: None,
+    };
+    docker(&[
+        "build",
+        "-q",
+        "-t",
+        &guard.image,
+        &ctx.0.display().to_string(),
+    ])?;
+    let label = format!("ssv-test.pid={}", std::process::id());
+    let id = docker(&[
+        "run",
+        "-d",
+        "--network",
+        "none",
+        "--label",
+        &label,
+        &guard.image,
+    ])?;
+    guard.container = Some(id.clone());
+    for _ in 0..3 {
+        docker(&["exec", &id, "/bin/true"])?; // warm the engine's paths
+    }
+    let mut v = vec![];
+    for _ in 0..n {
+        let t = Instant::now();
+        docker(&["exec", &id, "/bin/true"])?;
+        v.push(t.elapsed().as_secs_f64());
+    }
+    Ok(v)
+}
