@@ -15,12 +15,18 @@
 //! before the next storm, so every storm starts from N parked. Once per run: the exec
 //! round trip beside a local spawn and `docker exec` of `/bin/true`.
 //!
-//! Writes `bench-out/pool.json` (`--out`), which `scripts/pool_plot.py` plots. Every
-//! supervisor is killed on the way out (Drop guards; a parent-death signal covers a
-//! bench that is killed itself).
+//! Flags: `--pools`, `--rates`, `--claims` (per storm; default N/2), `--idle-secs` (20),
+//! `--heartbeat-ms` (default: the gateway's), `--no-docker`, `--quick`, `--out`.
+//! Modules: `measure` (/proc readings), `report` (the tables), `docker` (the docker exec
+//! baseline). Writes `bench-out/pool.json` (`--out`), which `scripts/pool_plot.py`
+//! plots. Every supervisor is killed on the way out (Drop guards; a parent-death signal
+//! covers a bench that is killed itself).
 
-#[path = "../tests/common/mod.rs"]
+#[path = "../../tests/common/mod.rs"]
 mod common;
+mod docker;
+mod measure;
+mod report;
 
 use common::{launch, spec, Launch, Supervisor, TempDir, AUDIENCE, BIN};
 use sandbox_supervisor::gateway::issuer::{
@@ -31,7 +37,7 @@ use sandbox_supervisor::gateway::{ClaimOptions, ExecEvent, GatewayConfig, Refere
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -281,96 +287,6 @@ impl Pool {
     }
 }
 
-/// CPU time of a process, all threads: utime+stime in clock ticks (/proc/PID/stat), and
-/// the scheduler's nanoseconds summed over its threads (/proc/PID/task/*/schedstat).
-fn cpu(pid: u32) -> (u64, u64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let ticks = stat
-        .rfind(')')
-        .map(|i| {
-            let f: Vec<&str> = stat[i + 2..].split(' ').collect();
-            f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-                + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-        })
-        .unwrap_or(0);
-    let mut ns = 0;
-    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let s = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
-        ns += s
-            .split_whitespace()
-            .next()
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0);
-    }
-    (ticks, ns)
-}
-
-/// KiB from smaps_rollup: (rss, private, shared, pss).
-fn memory(pid: u32) -> (u64, u64, u64, u64) {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
-    let field = |name: &str| -> u64 {
-        text.lines()
-            .filter(|l| l.starts_with(name))
-            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-            .sum()
-    };
-    (
-        field("Rss:"),
-        field("Private_Clean:") + field("Private_Dirty:"),
-        field("Shared_Clean:") + field("Shared_Dirty:"),
-        field("Pss:"),
-    )
-}
-
-fn clk_tck() -> f64 {
-    // SAFETY: sysconf reads a constant and has no preconditions.
-    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
-}
-
-/// Per parked pod over a quiet window: memory and CPU per minute, and the gateway's
-/// CPU per parked pod (the bench process is the gateway while it waits).
-async fn idle(pool: &Pool, secs: u64, tini: Option<u32>) -> Value {
-    tokio::time::sleep(Duration::from_secs(3)).await; // boot and the last parks settle
-    let pids: Vec<u32> = pool.pods.iter().map(|p| p.sup.host_pid()).collect();
-    let me = std::process::id();
-    let before: Vec<(u64, u64)> = pids.iter().map(|&p| cpu(p)).collect();
-    let (gw0, tini0) = (cpu(me), tini.map(cpu));
-    let t = Instant::now();
-    tokio::time::sleep(Duration::from_secs(secs)).await;
-    let per_min = 60.0 / t.elapsed().as_secs_f64();
-    let after: Vec<(u64, u64)> = pids.iter().map(|&p| cpu(p)).collect();
-    let (gw1, tini1) = (cpu(me), tini.map(cpu));
-    let n = pids.len() as f64;
-    let ticks: u64 = before.iter().zip(&after).map(|(b, a)| a.0 - b.0).sum();
-    let ns: u64 = before.iter().zip(&after).map(|(b, a)| a.1 - b.1).sum();
-    let mems: Vec<(u64, u64, u64, u64)> = pids.iter().map(|&p| memory(p)).collect();
-    let mean = |f: fn(&(u64, u64, u64, u64)) -> u64| mems.iter().map(f).sum::<u64>() as f64 / n;
-    let mut v = json!({
-        "n": pids.len(),
-        "window_s": t.elapsed().as_secs_f64(),
-        "rss_kib": mean(|m| m.0),
-        "private_kib": mean(|m| m.1),
-        "shared_kib": mean(|m| m.2),
-        "pss_kib": mean(|m| m.3),
-        "cpu_ms_per_min_stat": ticks as f64 / clk_tck() * 1e3 / n * per_min,
-        "cpu_ms_per_min_sched": ns as f64 / 1e6 / n * per_min,
-        "gateway_cpu_ms_per_min_per_pod": (gw1.1 - gw0.1) as f64 / 1e6 / n * per_min,
-    });
-    if let (Some(pid), Some(a), Some(b)) = (tini, tini0, tini1) {
-        let m = memory(pid);
-        v["tini"] = json!({
-            "rss_kib": m.0, "private_kib": m.1, "shared_kib": m.2, "pss_kib": m.3,
-            "cpu_ms_per_min_stat": (b.0 - a.0) as f64 / clk_tck() * 1e3 * per_min,
-            "cpu_ms_per_min_sched": (b.1 - a.1) as f64 / 1e6 * per_min,
-        });
-    }
-    v
-}
-
 #[derive(Default, Clone)]
 struct Record {
     requested: f64,
@@ -530,122 +446,6 @@ async fn storm(pool: &mut Pool, n: usize, rate: f64, claims: usize) -> Value {
     })
 }
 
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split_once(':'))
-        .map(|(_, v)| v.trim().to_string())
-        .unwrap_or_else(|| "unknown".into())
-}
-
-fn print_report(report: &Value) {
-    let f = |v: &Value| v.as_f64().unwrap_or(0.0);
-    println!(
-        "\n# pool scale: {} ({} cores), binary {}, launch {}, heartbeat {} ms",
-        report["cpu"].as_str().unwrap_or(""),
-        report["cores"],
-        report["binary"].as_str().unwrap_or(""),
-        report["launch"].as_str().unwrap_or(""),
-        report["heartbeat_ms"]
-    );
-    println!("\n| parked | RSS / pod | private | shared | PSS | idle CPU / min / pod (stat) | (schedstat) | gateway CPU / min / parked pod |");
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
-    let kib = |v: &Value| format!("{:.0} KiB", f(v));
-    for i in report["idle"].as_array().into_iter().flatten() {
-        println!(
-            "| {} supervisors | {} | {} | {} | {} | {:.2} ms | {:.2} ms | {:.2} ms |",
-            i["n"],
-            kib(&i["rss_kib"]),
-            kib(&i["private_kib"]),
-            kib(&i["shared_kib"]),
-            kib(&i["pss_kib"]),
-            f(&i["cpu_ms_per_min_stat"]),
-            f(&i["cpu_ms_per_min_sched"]),
-            f(&i["gateway_cpu_ms_per_min_per_pod"])
-        );
-        if let Some(t) = i.get("tini") {
-            println!(
-                "| tini (same window) | {} | {} | {} | {} | {:.2} ms | {:.2} ms | — |",
-                kib(&t["rss_kib"]),
-                kib(&t["private_kib"]),
-                kib(&t["shared_kib"]),
-                kib(&t["pss_kib"]),
-                f(&t["cpu_ms_per_min_stat"]),
-                f(&t["cpu_ms_per_min_sched"])
-            );
-        }
-    }
-    println!("\n| N parked | K target | claims | submitted/s | sustained/s | activation → bound p50 / p99 / max (ms) | → exit of /bin/true p50 / p99 / max (ms) | supervisor bind p50 / p99 (ms) | peak in flight | failures |");
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
-    let three = |v: &Value| {
-        format!(
-            "{} / {} / {}",
-            ms(f(&v["p50"])),
-            ms(f(&v["p99"])),
-            ms(f(&v["max"]))
-        )
-    };
-    for s in report["storms"].as_array().into_iter().flatten() {
-        println!(
-            "| {} | {} | {} | {:.1} | {:.1} | {} | {} | {} / {} | {} | {} |",
-            s["n"],
-            s["rate"],
-            s["claims"],
-            f(&s["pkb"]["submit_qps"]),
-            f(&s["sustained_claims_per_s"]),
-            three(&s["bound_s"]),
-            three(&s["first_event_s"]),
-            ms(f(&s["supervisor_bind_s"]["p50"])),
-            ms(f(&s["supervisor_bind_s"]["p99"])),
-            s["pkb"]["peak_concurrency"],
-            s["failures"]
-        );
-    }
-    println!("\nPerfKitBenchmarker agent-sandbox samples (startup_time = claim → bound, seconds):");
-    for s in report["storms"].as_array().into_iter().flatten() {
-        let fields: Vec<String> = s["pkb"]
-            .as_object()
-            .into_iter()
-            .flatten()
-            .map(|(k, v)| match v.as_f64() {
-                Some(x) if v.is_f64() => format!("{k}={x:.6}"),
-                _ => format!("{k}={v}"),
-            })
-            .collect();
-        println!("N={} K={}: {}", s["n"], s["rate"], fields.join(" "));
-    }
-    if let Some(e) = report.get("exec") {
-        println!("\n| exec of /bin/true, sequential | p50 | p99 | overhead p50 over local |");
-        println!("| --- | --- | --- | --- |");
-        for (label, key) in [
-            ("local spawn+wait", "local"),
-            ("sandbox-supervisor relay", "relay"),
-            ("docker exec", "docker"),
-        ] {
-            match e.get(key) {
-                Some(v) if v.get("p50").is_some() => println!(
-                    "| {label} (n={}) | {} ms | {} ms | {} |",
-                    v["n"],
-                    ms(f(&v["p50"])),
-                    ms(f(&v["p99"])),
-                    if key == "local" {
-                        "—".into()
-                    } else {
-                        format!("{} ms", ms(f(&v["p50"]) - f(&e["local"]["p50"])))
-                    }
-                ),
-                Some(v) => println!(
-                    "| {label} | skipped: {} | | |",
-                    v["skipped"].as_str().unwrap_or("")
-                ),
-                None => {}
-            }
-        }
-    }
-}
-
 /// Sequential `/bin/true` through one bound pod, beside a local spawn and docker exec.
 async fn exec_baselines(pool: &mut Pool, n: usize, docker: bool) -> Value {
     let pod = pool.spawn();
@@ -683,7 +483,7 @@ async fn exec_baselines(pool: &mut Pool, n: usize, docker: bool) -> Value {
     }
     let s = |v: &[f64]| json!({"n": v.len(), "p50": pct(v, 50.0), "p99": pct(v, 99.0)});
     let docker = if docker {
-        match docker_exec(30) {
+        match docker::docker_exec(30) {
             Ok(v) => s(&v),
             Err(why) => json!({"skipped": why}),
         }
@@ -728,7 +528,7 @@ fn main() {
             hb = pool.gateway.config().heartbeat_interval.as_millis();
             eprintln!("pool: N={n} launch={:?} binary={program}", pool.launch);
             pool.fill(n).await;
-            idles.push(idle(&pool, o.idle_secs, tini.as_ref().map(|c| c.id())).await);
+            idles.push(measure::idle(&pool, o.idle_secs, tini.as_ref().map(|c| c.id())).await);
             for &k in &o.rates {
                 let claims = o.claims.unwrap_or(n / 2).clamp(1, n);
                 let s = storm(&mut pool, n, k, claims).await;
@@ -752,12 +552,12 @@ fn main() {
             let _ = t.wait();
         }
         json!({
-            "cpu": cpu_model(), "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            "cpu": measure::cpu_model(), "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
             "binary": program, "launch": format!("{:?}", launch()), "heartbeat_ms": hb as u64,
             "idle": idles, "storms": storms, "exec": exec,
         })
     });
-    print_report(&report);
+    report::print_report(&report);
     if let Some(dir) = o.out.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
@@ -767,85 +567,4 @@ fn main() {
         started.elapsed().as_secs_f64(),
         o.out.display()
     );
-}
-
-/// Removes the baseline's container and image, also when the bench fails midway.
-struct DockerGuard {
-    image: String,
-    container: Option<String>,
-}
-
-impl Drop for DockerGuard {
-    fn drop(&mut self) {
-        if let Some(c) = &self.container {
-            let _ = docker(&["rm", "-f", c]);
-        }
-        let _ = docker(&["rmi", "-f", &self.image]);
-    }
-}
-
-fn docker(args: &[&str]) -> Result<String, String> {
-    let out = Command::new("docker")
-        .args(args)
-        .env("DOCKER_BUILDKIT", "0")
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("no docker client: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "docker {}: {}",
-            args.first().unwrap_or(&""),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
-/// `docker exec CONTAINER /bin/true`, `n` times, into a running FROM-scratch container
-/// holding only a static busybox (as /bin/true and /bin/sleep). Seconds per call.
-fn docker_exec(n: usize) -> Result<Vec<f64>, String> {
-    docker(&["info", "--format", "{{.ServerVersion}}"])?;
-    let busybox = Path::new("/bin/busybox");
-    if !busybox.is_file() {
-        return Err("no static busybox at /bin/busybox (apt-get install busybox-static)".into());
-    }
-    let ctx = TempDir::new("pool-docker");
-    std::fs::copy(busybox, ctx.0.join("busybox")).map_err(|e| e.to_string())?;
-    std::fs::write(
-        ctx.0.join("Dockerfile"),
-        "FROM scratch\nCOPY busybox /bin/true\nCOPY busybox /bin/sleep\nCMD [\"/bin/sleep\", \"3600\"]\n",
-    )
-    .map_err(|e| e.to_string())?;
-    let mut guard = DockerGuard {
-        image: format!("ssv-bench-true:{}", std::process::id()),
-        container: None,
-    };
-    docker(&[
-        "build",
-        "-q",
-        "-t",
-        &guard.image,
-        &ctx.0.display().to_string(),
-    ])?;
-    let label = format!("ssv-test.pid={}", std::process::id());
-    let id = docker(&[
-        "run",
-        "-d",
-        "--network",
-        "none",
-        "--label",
-        &label,
-        &guard.image,
-    ])?;
-    guard.container = Some(id.clone());
-    for _ in 0..3 {
-        docker(&["exec", &id, "/bin/true"])?; // warm the engine's paths
-    }
-    let mut v = vec![];
-    for _ in 0..n {
-        let t = Instant::now();
-        docker(&["exec", &id, "/bin/true"])?;
-        v.push(t.elapsed().as_secs_f64());
-    }
-    Ok(v)
 }
