@@ -39,9 +39,10 @@ def main():
         ax.set_xticks(sorted({s["rate"] for s in report["storms"]}))
         ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_ylim(bottom=0)
+        ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].set_ylabel("latency (ms)")
+    axes[0].set_ylabel("latency (ms, log scale)")
+    axes[0].yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     axes[1].legend(fontsize=8, loc="upper left", ncol=2)
     fig.suptitle(
         f"Pool scale: N parked supervisors at one gateway ({report['cpu']}, {report['cores']} cores, "
