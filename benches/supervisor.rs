@@ -401,21 +401,13 @@ my $s = time; system("head -c $bytes /dev/zero | cat > /dev/null") == 0 or die; 
 
 /// The supervisor as PID 1 of a gVisor sandbox (`runsc do`, tests/common/gvisor.rs):
 /// exec round trip and session stdout, each beside its baseline measured inside the same
-/// sandbox in the same run. Sessions run as root: this gVisor lacks setfsuid, which the
-/// check of a session's paths as the sandbox user needs.
+/// sandbox in the same run, and `local -- true` inside gVisor beside the same natively.
 async fn gvisor(quick: bool) -> Vec<Row> {
     use common::gvisor::{Fs, Gvisor};
     let (n, mib) = if quick { (30u64, 64u64) } else { (200, 256) };
-    let mut env = Env::new("benchgv").await;
-    env.sandbox_user = "root".into();
+    let env = Env::new("benchgv").await;
     let g = Gvisor::new("bench");
-    let (_sup, sandbox) = g
-        .bound(
-            &env,
-            Fs::Host,
-            &["--allow-root-sessions", "--max-sessions", "2000"],
-        )
-        .await;
+    let (_sup, sandbox) = g.bound(&env, Fs::Host, &["--max-sessions", "2000"]).await;
     let bytes = mib << 20;
     let out = sandbox
         .exec(spec(&[
@@ -494,6 +486,39 @@ async fn gvisor(quick: bool) -> Vec<Row> {
         target: "≥ 50 % of the pipe".into(),
         verdict: if ours / base >= 0.5 { "met" } else { "not met" },
     };
-    eprintln!("bench: `local -- true` under gVisor not measured: its session as the sandbox user needs setfsuid, which this gVisor lacks (see tests/gvisor.rs)");
-    vec![exec_row, stdout_row]
+    vec![
+        exec_row,
+        stdout_row,
+        local_rows(&g, if quick { 3 } else { 7 }),
+    ]
+}
+
+/// `local -- true` (gateway, supervisor as PID 1 or subreaper, one session, release,
+/// wipe) inside gVisor beside the same on this machine: medians of `runs` each.
+fn local_rows(g: &common::gvisor::Gvisor, runs: usize) -> Row {
+    let time = |mut c: Command| {
+        let mut v: Vec<f64> = (0..runs)
+            .map(|_| {
+                let t = Instant::now();
+                let st = c.stdin(std::process::Stdio::null()).status().unwrap();
+                assert!(st.success(), "local -- true: {st}");
+                t.elapsed().as_secs_f64()
+            })
+            .collect();
+        pct(&mut v, 0.5)
+    };
+    let mut native = Command::new(BIN);
+    native.args(["local", "--", "true"]);
+    let native = time(native);
+    let mut inside = g.command(common::gvisor::Fs::Host);
+    inside.args([BIN, "local", "--", "true"]);
+    let inside = time(inside);
+    Row {
+        what: format!("gVisor: `local -- true` (n={runs})"),
+        baseline: format!("native p50 {}", ms(native)),
+        ours: format!("inside gVisor p50 {}", ms(inside)),
+        ratio: format!("{:.1}×", inside / native),
+        target: "reported".into(),
+        verdict: "-",
+    }
 }
