@@ -397,17 +397,14 @@ echo planted
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(text.ends_with("2\nplanted\n"), "{text}");
     let outside = snapshot(&outside_roots(&env));
-    let report = sandbox
-        .release("hostile", Duration::from_secs(1), Duration::from_secs(30))
-        .await
-        .unwrap()
-        .expect("report");
-    assert_eq!(
-        sup.wait_exit(Duration::from_secs(30)),
-        Some(0),
-        "{}",
-        sup.logs()
-    );
+    let report = sup
+        .release_via(
+            &sandbox,
+            "hostile",
+            Duration::from_secs(1),
+            Duration::from_secs(30),
+        )
+        .await;
     assert_unchanged(&outside, &snapshot(&outside_roots(&env)), "gVisor wipe");
     assert!(report.error.is_empty(), "{report:?}\n{}", sup.logs());
     let mut skipped = report.skipped_mounts.clone();
@@ -453,17 +450,14 @@ echo planted"#),
     if !text.starts_with("split") {
         eprintln!("note: this gVisor's overlay gives files the directory's device");
     }
-    let report = sandbox
-        .release("overlay", Duration::from_secs(1), Duration::from_secs(30))
-        .await
-        .unwrap()
-        .expect("report");
-    assert_eq!(
-        sup.wait_exit(Duration::from_secs(30)),
-        Some(0),
-        "{}",
-        sup.logs()
-    );
+    let report = sup
+        .release_via(
+            &sandbox,
+            "overlay",
+            Duration::from_secs(1),
+            Duration::from_secs(30),
+        )
+        .await;
     assert!(report.error.is_empty(), "{report:?}\n{}", sup.logs());
     assert!(report.skipped_mounts.is_empty(), "{report:?}");
     // 20 files, a link, a FIFO, and the 2 seeded files.

@@ -17,25 +17,6 @@ fn limited(tag: &str, limits: Limits) -> Option<Cgroup> {
         .ok()
 }
 
-/// Releases through the gateway: the report arrives and the supervisor exits 0.
-async fn release_cleanly(sup: &mut Supervisor, sandbox: &sandbox_supervisor::gateway::Sandbox) {
-    let report = sandbox
-        .release("test", Duration::from_millis(500), Duration::from_secs(30))
-        .await
-        .unwrap();
-    assert!(
-        report.is_some(),
-        "release report within 30 s\n{}",
-        sup.logs()
-    );
-    assert_eq!(
-        sup.wait_exit(Duration::from_secs(30)),
-        Some(0),
-        "{}",
-        sup.logs()
-    );
-}
-
 /// Sends SIGSTOP, as fast as it can, to the newest pids of the namespace: it catches
 /// a session's child in the short window after it took the sandbox uid and before
 /// `execve` (and every session it can signal after that).
@@ -129,7 +110,13 @@ async fn sigstop_during_spawn_never_freezes_pid1() {
         .expect("a session within 10 s")
         .expect("session output");
     assert_eq!(out.stdout, b"still-serving\n");
-    release_cleanly(&mut sup, &sandbox).await;
+    sup.release_via(
+        &sandbox,
+        "test",
+        Duration::from_millis(500),
+        Duration::from_secs(30),
+    )
+    .await;
 }
 
 /// Forks sleepers until the kernel refuses (the pids limit, or the user's cap), and
@@ -271,7 +258,13 @@ async fn routine_events_with_pids_exhausted(tag: &str, cap: &str, pids_max: u64)
     );
     assert!(!sup.logs().contains("panicked"), "{}", sup.logs());
 
-    release_cleanly(&mut sup, &sandbox).await;
+    sup.release_via(
+        &sandbox,
+        "test",
+        Duration::from_millis(500),
+        Duration::from_secs(30),
+    )
+    .await;
     assert!(
         cg.pids().is_empty(),
         "release left processes: {:?}",
@@ -382,7 +375,13 @@ async fn the_oom_killer_takes_the_workload_not_pid1() {
         .await
         .unwrap();
     assert_eq!(out.stdout, b"1000\n", "a session's oom_score_adj");
-    release_cleanly(&mut sup, &sandbox).await;
+    sup.release_via(
+        &sandbox,
+        "test",
+        Duration::from_millis(500),
+        Duration::from_secs(30),
+    )
+    .await;
 }
 
 /// 100 sessions write as fast as they can and the gateway acknowledges nothing: the
@@ -449,5 +448,11 @@ async fn unacknowledged_output_of_many_sessions_stays_within_the_budget() {
             other => panic!("session stalled after {got} bytes: {other:?}"),
         }
     }
-    release_cleanly(&mut sup, &sandbox).await;
+    sup.release_via(
+        &sandbox,
+        "test",
+        Duration::from_millis(500),
+        Duration::from_secs(30),
+    )
+    .await;
 }

@@ -208,17 +208,9 @@ async fn release_kills_the_racer_before_tombstone_and_wipe() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let outside = snapshot(&outside_roots(&env));
     let grace = Duration::from_millis(600);
-    let report = sandbox
-        .release("order", grace, Duration::from_secs(30))
-        .await
-        .unwrap()
-        .expect("report");
-    assert_eq!(
-        sup.wait_exit(Duration::from_secs(30)),
-        Some(0),
-        "{}",
-        sup.logs()
-    );
+    let report = sup
+        .release_via(&sandbox, "order", grace, Duration::from_secs(30))
+        .await;
     assert!(report.error.is_empty(), "{report:?}");
     assert!(report.processes_killed >= 1, "{report:?}");
     release_order(&sup);
@@ -271,17 +263,14 @@ async fn bind_mounts_are_skipped_reported_and_their_source_untouched() {
     // The mount lives in the supervisor's mount namespace, not ours.
     assert!(!outside_dir.join("bindsrc/plain").exists());
     let outside = snapshot(&outside_roots(&env));
-    let report = sandbox
-        .release("bind", Duration::from_secs(1), Duration::from_secs(30))
-        .await
-        .unwrap()
-        .expect("report");
-    assert_eq!(
-        sup.wait_exit(Duration::from_secs(30)),
-        Some(0),
-        "{}",
-        sup.logs()
-    );
+    let report = sup
+        .release_via(
+            &sandbox,
+            "bind",
+            Duration::from_secs(1),
+            Duration::from_secs(30),
+        )
+        .await;
     let mut skipped = report.skipped_mounts.clone();
     skipped.sort();
     assert_eq!(skipped, ["fmnt", "mnt"], "{report:?}");
@@ -319,17 +308,14 @@ async fn scale(files: usize) {
         started.elapsed()
     );
     let outside = snapshot(&outside_roots(&env));
-    let report = sandbox
-        .release("scale", Duration::from_secs(1), Duration::from_secs(120))
-        .await
-        .unwrap()
-        .expect("report");
-    assert_eq!(
-        sup.wait_exit(Duration::from_secs(60)),
-        Some(0),
-        "{}",
-        sup.logs()
-    );
+    let report = sup
+        .release_via(
+            &sandbox,
+            "scale",
+            Duration::from_secs(1),
+            Duration::from_secs(120),
+        )
+        .await;
     assert!(report.error.is_empty(), "{report:?}");
     // The files, the deep leaf, plus the seed's two files.
     assert!(report.files_removed > files as u64, "{report:?}");

@@ -380,6 +380,21 @@ impl Supervisor {
         }
     }
 
+    /// Releases `sandbox` through the gateway with `grace`: the report arrives and the
+    /// supervisor exits 0, each within `timeout`. Returns the report.
+    pub async fn release_via(
+        &mut self,
+        sandbox: &Sandbox,
+        reason: &str,
+        grace: Duration,
+        timeout: Duration,
+    ) -> proto::ReleaseReport {
+        let report = sandbox.release(reason, grace, timeout).await.unwrap();
+        let report = report.unwrap_or_else(|| panic!("no release report\n{}", self.logs()));
+        assert_eq!(self.wait_exit(timeout), Some(0), "{}", self.logs());
+        report
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
