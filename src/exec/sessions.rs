@@ -13,7 +13,7 @@ use super::output::{OutputBudget, OutputBuffer};
 use super::pumps::{pump, stdin_writer, Stream};
 use super::session::{enforce_timeout, finish, valid_size, Session};
 use super::spawn::{self, Credentials, Hardening, Io};
-use super::spawner::Spawner;
+use super::spawner::{self, Spawner};
 use super::spec::{self, ExecPolicy};
 use super::ExecError;
 use crate::pid1::Reaper;
@@ -223,10 +223,7 @@ impl Sessions {
             .spawner
             .call(move || spec::resolve(&req, &policy))
             .await
-            .ok_or_else(|| ExecError::Spawn {
-                program: spec.argv.first().cloned().unwrap_or_default(),
-                source: std::io::Error::other("the spawner thread is gone"),
-            })??;
+            .ok_or_else(|| spawner::gone(spec.argv.first().cloned().unwrap_or_default()))??;
         let is_tty = matches!(io, Io::Pty { .. });
         let n = self.inner.opened.fetch_add(1, Ordering::Relaxed);
         let marker = MARKER_BASE.checked_add(n + 1);

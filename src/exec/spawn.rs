@@ -237,10 +237,7 @@ pub async fn spawn(
         Outcome::TimedOut(r) => (r, true),
         Outcome::Gone => {
             reaper.end_spawn(&pending, None, |_| ());
-            return Err(ExecError::Spawn {
-                program: r.argv[0].to_string_lossy().into(),
-                source: std::io::Error::other("the spawner thread is gone"),
-            });
+            return Err(super::spawner::gone(r.argv[0].to_string_lossy().into()));
         }
     };
     let pid = match &result {

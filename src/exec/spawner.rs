@@ -39,6 +39,14 @@ struct Watch {
     killed: AtomicBool,
 }
 
+/// What a session gets when the spawner thread is gone (it exits only by panicking).
+pub(crate) fn gone(program: String) -> super::ExecError {
+    super::ExecError::Spawn {
+        program,
+        source: std::io::Error::other("the spawner thread is gone"),
+    }
+}
+
 /// How a start ended.
 pub enum Outcome<T> {
     Finished(T),

@@ -8,7 +8,6 @@ use nix::fcntl::{self, OFlag};
 use nix::sys::stat::Mode;
 use std::ffi::{CStr, CString};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicU8, Ordering};
 
 /// File type as reported by `statx`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,28 +171,16 @@ fn fstatat_meta(dirfd: BorrowedFd<'_>, name: &CStr, flags: libc::c_int) -> Resul
     })
 }
 
-// 0 = not known yet, 1 = statx accepts AT_NO_AUTOMOUNT, 2 = it says EINVAL (gVisor 2022).
-static NO_AUTOMOUNT: AtomicU8 = AtomicU8::new(0);
-
 /// `statx(dirfd, name, AT_SYMLINK_NOFOLLOW)`: describes the entry itself, never a link target.
-/// `AT_NO_AUTOMOUNT` is asked for where the kernel accepts it; older gVisor refuses the
-/// flag with `EINVAL`, and a supervisor that cannot stat cannot boot, so the call is
-/// retried without it (what is weaker then is in the `platform.capabilities` event).
+/// `AT_NO_AUTOMOUNT` is asked for where the boot probe found the kernel accepts it; older
+/// gVisor refuses the flag with `EINVAL`, and a supervisor that cannot stat cannot boot
+/// (what is weaker then is in the `platform.capabilities` event).
 pub(crate) fn stat_at(dirfd: BorrowedFd<'_>, name: &CStr) -> Result<Meta, Errno> {
-    let base = libc::AT_SYMLINK_NOFOLLOW | libc::AT_STATX_SYNC_AS_STAT;
-    if NO_AUTOMOUNT.load(Ordering::Relaxed) != 2 {
-        match statx_raw(dirfd, name, base | libc::AT_NO_AUTOMOUNT) {
-            Err(Errno::EINVAL) => {}
-            other => {
-                NO_AUTOMOUNT.store(1, Ordering::Relaxed);
-                return other;
-            }
-        }
+    let mut flags = libc::AT_SYMLINK_NOFOLLOW | libc::AT_STATX_SYNC_AS_STAT;
+    if crate::platform::get().has("statx_no_automount") {
+        flags |= libc::AT_NO_AUTOMOUNT;
     }
-    // EINVAL here too means the flag was not the cause: report the kernel's answer as is.
-    let meta = statx_raw(dirfd, name, base)?;
-    NO_AUTOMOUNT.store(2, Ordering::Relaxed);
-    Ok(meta)
+    statx_raw(dirfd, name, flags)
 }
 
 /// `statx` of an open fd. Falls back to `/proc/self/fdinfo` for the mount id.
@@ -216,26 +203,17 @@ fn fdinfo_mnt_id(fd: BorrowedFd<'_>) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-// 0 = not probed, 1 = openat2 works, 2 = kernel lacks it (gVisor, < 5.6).
-static OPENAT2: AtomicU8 = AtomicU8::new(0);
-
-/// Whether `openat2` is usable on this kernel (probed once).
+/// Whether `openat2` confines a lookup here: the boot probe found it with every resolve
+/// flag [`open_dir_beneath`] asks for.
 pub(crate) fn openat2_available() -> bool {
-    match OPENAT2.load(Ordering::Relaxed) {
-        1 => true,
-        2 => false,
-        _ => {
-            let how = fcntl::OpenHow::new()
-                .flags(OFlag::O_PATH | OFlag::O_CLOEXEC | OFlag::O_DIRECTORY)
-                .resolve(fcntl::ResolveFlag::RESOLVE_BENEATH);
-            let ok = !matches!(
-                fcntl::openat2(fcntl::AT_FDCWD, c".", how),
-                Err(Errno::ENOSYS | Errno::EINVAL | Errno::E2BIG | Errno::EPERM)
-            );
-            OPENAT2.store(if ok { 1 } else { 2 }, Ordering::Relaxed);
-            ok
-        }
-    }
+    let caps = crate::platform::get();
+    [
+        "openat2_resolve_beneath",
+        "openat2_resolve_no_xdev",
+        "openat2_resolve_no_symlinks",
+    ]
+    .iter()
+    .all(|c| caps.has(c))
 }
 
 /// How to resolve a name below a directory.
