@@ -64,6 +64,13 @@ async fn readiness_follows_the_lifecycle_and_metrics_parse() {
     let launch = launch();
     let (seen, watcher) = watch_readiness(port);
     let (mut sup, sandbox) = env.bound_with(launch, &["--listen-probes", &listen]).await;
+    // `Accepted` reaches the gateway before the binding record is durable (the two
+    // overlap, PROTOCOL.md 4.1); the pod reports ready only once both hold.
+    common::identity::wait_readyz(port, 200, Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|last| {
+            panic!("never ready after Accepted (last {last:?})\n{}", sup.logs())
+        });
 
     // Liveness and the exec-probe helper.
     assert_eq!(get(port, "/livez").await.map(|r| r.0), Some(200));
