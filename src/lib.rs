@@ -11,6 +11,7 @@ pub mod proto {
 pub mod config;
 pub mod envfile;
 pub mod exec;
+pub mod files;
 #[cfg(feature = "reference-gateway")]
 pub mod gateway;
 pub mod identity;
@@ -19,6 +20,7 @@ pub mod lifecycle;
 pub mod local;
 pub mod pid1;
 pub mod platform;
+pub mod ports;
 pub mod relay;
 pub mod telemetry;
 pub mod workspace;

@@ -422,11 +422,15 @@ pub async fn run(
         instance_id: m.instance_id.clone(),
         sessions: vec![],
     };
+    let files = crate::files::Files::new();
+    let forwards = crate::ports::Forwards::new();
     let relay = Relay {
         endpoint: endpoint.clone(),
         channel: Some(channel.get()),
         creds: creds.clone(),
         sessions: sessions.clone(),
+        files: files.clone(),
+        forwards: forwards.clone(),
         telemetry: m.telemetry.clone(),
         hello: hello.clone(),
         binding_durable: durable_rx,
@@ -493,6 +497,10 @@ pub async fn run(
     m.transition(State::Releasing, &reason);
     let started = Instant::now();
     sessions.stop_accepting();
+    // Transfers and forwards end before the workload dies: no write lands half-done
+    // in a workspace about to be wiped, no forward outlives the server it reached.
+    files.abort_all().await;
+    forwards.close_all().await;
     let grace = grace.unwrap_or(m.cfg.release_grace);
     let (killed, all_gone) = pid1::kill_workload(&m.reaper, grace).await;
     tracing::info!(

@@ -265,6 +265,12 @@ async fn handle_control_message(shared: &Shared, sandbox_id: &str, m: proto::Sup
                     bytes_removed = report.bytes_removed, error = %report.error, "release report received");
                 sb.report = Some(report);
             }
+            Some(SupMsg::ChannelFailed(f)) => {
+                drop(st);
+                super::channels::failed(shared, sandbox_id, f);
+                shared.bump();
+                return;
+            }
             Some(SupMsg::Heartbeat(_)) | Some(SupMsg::Hello(_)) | None => {}
         }
     }

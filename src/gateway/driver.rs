@@ -355,6 +355,7 @@ impl ReferenceGateway {
                 control: None,
                 sessions: HashMap::new(),
                 pending_opens: HashMap::new(),
+                pending_channels: HashMap::new(),
             };
             let push = push.map(|link| (link, shared.activation(&entry)));
             st.sandboxes.insert(sandbox_id.clone(), entry);

@@ -127,6 +127,8 @@ impl proto::gateway_server::Gateway for GatewayService {
     type RegisterStream = BoxStream<proto::RegisterEvent>;
     type ConnectStream = BoxStream<proto::GatewayMessage>;
     type SessionStream = BoxStream<proto::SessionDown>;
+    type FileStream = BoxStream<proto::FileDown>;
+    type ForwardStream = BoxStream<proto::ForwardDown>;
 
     async fn register(
         &self,
@@ -274,5 +276,77 @@ impl proto::gateway_server::Gateway for GatewayService {
             tx,
         ));
         respond(rx, self.shared.cfg.lazy_headers).await
+    }
+
+    async fn file(
+        &self,
+        request: Request<Streaming<proto::FileUp>>,
+    ) -> Result<Response<Self::FileStream>, Status> {
+        use proto::file_up::Msg;
+        let claims = self.shared.sandbox_claims(request.metadata())?;
+        let mut up = request.into_inner();
+        let attach = match first_frame(&mut up).await? {
+            proto::FileUp {
+                msg: Some(Msg::Attach(a)),
+            } => a,
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "the first frame of a File stream must be FileAttach, got {other:?}"
+                )))
+            }
+        };
+        let (tx, rx) = mpsc::channel(32);
+        let id = attach.transfer_id.clone();
+        let opened = super::channels::Opened { up, down: tx };
+        super::channels::deliver(
+            &self.shared,
+            &claims.sandbox_id,
+            &id,
+            super::channels::Attached::File(opened, attach),
+        )?;
+        respond(rx, self.shared.cfg.lazy_headers).await
+    }
+
+    async fn forward(
+        &self,
+        request: Request<Streaming<proto::ForwardUp>>,
+    ) -> Result<Response<Self::ForwardStream>, Status> {
+        use proto::forward_up::Msg;
+        let claims = self.shared.sandbox_claims(request.metadata())?;
+        let mut up = request.into_inner();
+        let attach = match first_frame(&mut up).await? {
+            proto::ForwardUp {
+                msg: Some(Msg::Attach(a)),
+            } => a,
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "the first frame of a Forward stream must be ForwardAttach, got {other:?}"
+                )))
+            }
+        };
+        let (tx, rx) = mpsc::channel(32);
+        let opened = super::channels::Opened { up, down: tx };
+        super::channels::deliver(
+            &self.shared,
+            &claims.sandbox_id,
+            &attach.forward_id,
+            super::channels::Attached::Forward(opened),
+        )?;
+        respond(rx, self.shared.cfg.lazy_headers).await
+    }
+}
+
+/// The first frame of a supervisor-opened stream, bounded: a stream that never says
+/// what it is for must not hold a task.
+async fn first_frame<T>(up: &mut Streaming<T>) -> Result<T, Status> {
+    match tokio::time::timeout(super::channels::ATTACH_TIMEOUT, up.message()).await {
+        Ok(Ok(Some(m))) => Ok(m),
+        Ok(Ok(None)) => Err(Status::invalid_argument(
+            "the stream ended before its attach frame",
+        )),
+        Ok(Err(status)) => Err(status),
+        Err(_) => Err(Status::deadline_exceeded(
+            "no attach frame within the attach timeout",
+        )),
     }
 }

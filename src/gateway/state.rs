@@ -127,6 +127,8 @@ pub(crate) struct SandboxEntry {
     pub control: Option<StreamLink<proto::GatewayMessage>>,
     pub sessions: HashMap<String, Arc<SessionCore>>,
     pub pending_opens: HashMap<String, oneshot::Sender<Result<u32, ExecError>>>,
+    /// File and Forward requests waiting for the supervisor's stream, by id.
+    pub pending_channels: HashMap<String, super::channels::ChannelWaiter>,
 }
 
 impl SandboxEntry {

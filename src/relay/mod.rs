@@ -6,9 +6,11 @@
 //! re-attaches the ones it wants from the offsets it holds.
 
 pub mod channel;
+mod opener;
 mod stream;
 
 pub use channel::{authed, ChannelError, GatewayEndpoint};
+pub use opener::Opener;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -112,6 +114,14 @@ async fn serve_releasing(
             msg = down.message(), if reading => match msg {
                 Ok(Some(proto::GatewayMessage { msg: Some(gateway_message::Msg::OpenSession(o)) })) => o.session_id,
                 Ok(Some(proto::GatewayMessage { msg: Some(gateway_message::Msg::AttachSession(a)) })) => a.session_id,
+                Ok(Some(proto::GatewayMessage { msg: Some(gateway_message::Msg::OpenFile(o)) })) => {
+                    refuse_releasing(&tx, o.transfer_id).await;
+                    continue;
+                }
+                Ok(Some(proto::GatewayMessage { msg: Some(gateway_message::Msg::OpenForward(o)) })) => {
+                    refuse_releasing(&tx, o.forward_id).await;
+                    continue;
+                }
                 Ok(Some(_)) => continue,
                 // The report may still go out on the up side.
                 Ok(None) | Err(_) => { reading = false; continue; }
@@ -139,12 +149,21 @@ async fn serve_releasing(
     }
 }
 
+/// A file or forward request during the release gets `ChannelFailed{UNAVAILABLE}`.
+async fn refuse_releasing(tx: &mpsc::Sender<SupervisorMessage>, id: String) {
+    tracing::info!(event = "channel.refused", id = %id, code = ?proto::ErrorCode::Unavailable, error = RELEASING, "file or forward request during the release refused");
+    let msg = opener::channel_failed(&id, proto::ErrorCode::Unavailable, RELEASING.into());
+    let _ = send_bounded(tx, msg, EVENT_SEND_LIMIT).await;
+}
+
 pub struct Relay {
     pub endpoint: GatewayEndpoint,
     /// The channel used while warm, reused so binding needs no new TLS handshake.
     pub channel: Option<Channel>,
     pub creds: SandboxCredentials,
     pub sessions: Sessions,
+    pub files: crate::files::Files,
+    pub forwards: crate::ports::Forwards,
     pub telemetry: Arc<Telemetry>,
     pub hello: proto::Hello,
     /// True once the binding record is durable. `Connect` goes out while it is being
@@ -411,6 +430,15 @@ impl Relay {
         }
     }
 
+    fn opener(&self, channel: &Channel, tx: &mpsc::Sender<SupervisorMessage>) -> Opener {
+        Opener::new(
+            channel.clone(),
+            self.creds.clone(),
+            self.telemetry.clone(),
+            tx.clone(),
+        )
+    }
+
     async fn handle(
         &self,
         msg: proto::GatewayMessage,
@@ -461,6 +489,8 @@ impl Relay {
                     }
                 }
             }
+            Msg::OpenFile(o) => self.files.open(o, self.opener(channel, tx)),
+            Msg::OpenForward(o) => self.forwards.open(o, self.opener(channel, tx)),
             Msg::ForgetSession(f) => {
                 if !self.sessions.forget(&f.session_id) {
                     tracing::debug!(event = "session.forget_unknown", session_id = %f.session_id, "forget for an unknown session");
