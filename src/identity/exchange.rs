@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tonic::Code;
 
-use super::{read_hint, Backoff, ProjectedToken, SandboxCredentials};
+use super::{read_hint, Backoff, HintWatch, ProjectedToken, SandboxCredentials, WatchMode};
 use crate::proto::{self, register_event};
 use crate::relay::channel::{authed, client, describe_status, GatewayChannel};
 use crate::telemetry::Telemetry;
@@ -80,7 +80,9 @@ pub fn check_activation(
     Ok(())
 }
 
-const HINT_POLL: Duration = Duration::from_millis(200);
+/// The least wait between `IssueSandboxToken` attempts while the gateway is behind the
+/// annotation.
+const ISSUE_RETRY_MIN: Duration = Duration::from_millis(200);
 
 impl Exchange {
     /// Parks at the gateway and waits for a claim. `resume` is the binding record of a
@@ -217,13 +219,21 @@ impl Exchange {
         }
     }
 
-    /// Polls the annotations file; once the claim key appears, asks for the token.
+    /// Watches the annotations file (see `hint_watch`); once the claim key appears, asks
+    /// for the token.
     async fn pull_on_hint(&self, resume: Option<proto::BindingRecord>) -> ClaimOutcome {
         // The annotation may run ahead of the gateway for a while: poll at most every 2 s.
         let mut backoff = Backoff::with_cap(Duration::from_secs(2));
         // The last problem logged, so a broken file is reported once per change.
         let mut logged: Option<String> = None;
+        // Armed before the first read, so a change right after it is still an event.
+        let mut watch = HintWatch::new(&self.hint_path);
+        let mut mode_logged: Option<WatchMode> = None;
         loop {
+            if mode_logged != Some(watch.mode()) {
+                log_watch_mode(&watch, &self.hint_path);
+                mode_logged = Some(watch.mode());
+            }
             let hint = match read_hint(&self.hint_path, &self.hint_key) {
                 Ok(hint) => {
                     logged = None;
@@ -240,7 +250,7 @@ impl Exchange {
                 }
             };
             let Some(hint) = hint else {
-                tokio::time::sleep(HINT_POLL).await;
+                watch.changed().await;
                 continue;
             };
             match self.issue(&hint, resume.clone()).await {
@@ -265,7 +275,7 @@ impl Exchange {
                     if s.code() != Code::FailedPrecondition {
                         self.channel.rebuild();
                     }
-                    let delay = backoff.next_delay().max(HINT_POLL);
+                    let delay = backoff.next_delay().max(ISSUE_RETRY_MIN);
                     tracing::debug!(event = "identity.issue_pending", code = ?s.code(), error = %describe_status(&s), "claim hint seen; gateway not ready yet");
                     tokio::time::sleep(delay).await;
                 }
@@ -365,6 +375,26 @@ impl Exchange {
                     due = Instant::now() + delay;
                 }
             }
+        }
+    }
+}
+
+/// Says how a claim hint will be noticed, and how late at worst.
+fn log_watch_mode(watch: &HintWatch, path: &std::path::Path) {
+    let path = path.display();
+    let within_ms = watch.guarantee().map_or(0, |d| d.as_millis() as u64);
+    match watch.mode() {
+        WatchMode::Inotify => {
+            tracing::info!(event = "identity.hint_watch", mode = "inotify", path = %path, fallback_poll_ms = within_ms, "watching the claim hint's directory with inotify; a change inotify cannot see (e.g. a host-side update under gVisor) is still noticed within the fallback poll")
+        }
+        WatchMode::FastPoll => {
+            tracing::warn!(event = "identity.hint_watch", mode = "poll", path = %path, poll_ms = within_ms, reason = watch.why().unwrap_or("unknown"), "inotify is unavailable for the claim hint's directory; polling it instead (more idle CPU)")
+        }
+        WatchMode::Rearming => {
+            tracing::warn!(event = "identity.hint_watch", mode = "rearming", path = %path, poll_ms = within_ms, "the claim hint's directory was removed or replaced; polling until it is back, then watching it again")
+        }
+        WatchMode::Absent => {
+            tracing::info!(event = "identity.hint_watch", mode = "absent", path = %path, "no downward-API directory for the claim hint; only the gateway's push can activate this supervisor")
         }
     }
 }
