@@ -13,6 +13,64 @@ use sandbox_supervisor::gateway::issuer::random_uid;
 use sandbox_supervisor::gateway::{ClaimDelivery, Push};
 use std::time::{Duration, Instant};
 
+/// Issue 15: the annotations file is no longer polled every 200 ms but its directory is
+/// watched with inotify, behind a 10 s fallback poll. A hint written the kubelet's way
+/// (new timestamped dir, `..data` symlink renamed over) while no push comes must still
+/// bind within a second: the watch, not the fallback poll, noticed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hint_swapped_in_through_data_is_noticed_at_once_though_the_fallback_poll_is_slow() {
+    let env = IdEnv::new("hint-inotify", Setup::default()).await;
+    let sup = spawn_with(&env, &[]);
+    env.gateway
+        .wait_parked(&env.pod.pod_name, Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", sup.logs()));
+    let mode = wait_event(&sup, Duration::from_secs(5), |e| {
+        e["event"] == "identity.hint_watch"
+    })
+    .await
+    .unwrap_or_else(|| panic!("no identity.hint_watch\n{}", sup.logs()));
+    assert_eq!(mode["mode"], "inotify", "{}", sup.logs());
+    let fallback = mode["fallback_poll_ms"].as_u64().unwrap_or_default();
+    assert!(
+        fallback >= 10_000,
+        "fallback poll {fallback} ms is not slow"
+    );
+    let claim = random_uid();
+    let sandbox = env
+        .gateway
+        .claim_delivered(
+            &env.pod.pod_name,
+            claim_opts(&claim),
+            ClaimDelivery {
+                push: Push::Never,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    // Well past the first read, so only a change notification can find it in time.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let written = Instant::now();
+    env.write_hint(&claim);
+    env.gateway
+        .wait_connected(sandbox.id(), Duration::from_secs(1))
+        .await
+        .unwrap_or_else(|e| panic!("not bound within 1 s of the hint: {e}\n{}", sup.logs()));
+    let took = written.elapsed();
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    eprintln!("hint written -> bound: {took:?}");
+    let pulled = wait_event(&sup, Duration::from_secs(2), |e| {
+        e["event"] == "identity.activation" && e["path"] == "pull"
+    })
+    .await;
+    assert!(
+        pulled.is_some(),
+        "bound, but not through the pull path\n{}",
+        sup.logs()
+    );
+}
+
 /// Push and claim hint race, in both orders and with the push late or absent: every
 /// time exactly one activation is taken, one binding record written, one relay
 /// connected, and sessions run. `SSV_RACE_ITERATIONS` scales it (default 12).
