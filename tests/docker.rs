@@ -413,8 +413,8 @@ async fn network_disconnect_mid_session_loses_no_output() {
     tokio::time::sleep(Duration::from_millis(2500)).await;
     ok(docker_async(&["network", "connect", &cluster.network, &pod.container]).await);
     // Generous: the relay's backoff may be near its 10 s cap after the failed attempts
-    // of the outage, and an attempt that stalls is only broken by HTTP/2 keepalive
-    // (10 s + 5 s). Normally the output resumes within a few seconds.
+    // of the outage, and an attempt that stalls is broken by `Connect`'s 10 s header
+    // timeout or HTTP/2 keepalive (30 s + 10 s). Normally the output resumes within a few seconds.
     let exit = loop {
         match tokio::time::timeout(Duration::from_secs(60), exec.next()).await {
             Ok(Some(ExecEvent::Stdout(b))) => stdout.extend_from_slice(&b),

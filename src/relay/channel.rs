@@ -17,6 +17,11 @@ use crate::identity::SecretToken;
 use crate::proto::gateway_client::GatewayClient;
 
 /// Largest message either side may send; output frames are far smaller.
+/// HTTP/2 PING interval on the gateway connection, also while idle (see `endpoint`).
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// A PING unanswered this long drops the connection.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
 /// A CA bundle larger than this is not a CA bundle.
@@ -200,8 +205,13 @@ impl GatewayEndpoint {
             .map_err(|e| bad(e.to_string()))?
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(5))
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
+            // Heartbeats (parked: the gateway's on `Register`; bound: both ways on the
+            // control stream) already notice a dead gateway within 3 intervals. The
+            // ping is only for what carries none (a unary call, a session stream) and
+            // for NATs: 30 s is far below their idle expiry, and a parked pod wakes for
+            // it 2 (+2 acks) times a minute instead of 6 (issue 15).
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true)
             // Large windows: one session can stream at memory speed, while per-stream
             // flow control still isolates a slow consumer.
