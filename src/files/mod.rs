@@ -754,9 +754,10 @@ async fn serve_write(
             arm_expiry(inner, id, &u);
         }
         Err(e) => {
-            let _ = tx.send(error_frame(e)).await;
+            // Removed before the error is sent: once the gateway hears it, nothing is left.
             forget(inner, id, &u);
             discard(inner, &u).await;
+            let _ = tx.send(error_frame(e)).await;
         }
     }
     drop(tx);
