@@ -411,3 +411,172 @@ async fn a_tenant_swapping_symlinks_cannot_redirect_operations() {
         "the race never happened ({ok} ok, {failed} failed)"
     );
 }
+
+fn tar_header(name: &str, typeflag: u8, size: usize, link: &str, mode: u32) -> [u8; 512] {
+    let mut h = [0u8; 512];
+    let put = |h: &mut [u8; 512], at: usize, v: &[u8]| h[at..at + v.len()].copy_from_slice(v);
+    put(&mut h, 0, name.as_bytes());
+    put(&mut h, 100, format!("{mode:07o}\0").as_bytes());
+    put(&mut h, 108, b"0000000\0");
+    put(&mut h, 116, b"0000000\0");
+    put(&mut h, 124, format!("{size:011o}\0").as_bytes());
+    put(&mut h, 136, b"00000000000\0");
+    put(&mut h, 148, b"        ");
+    h[156] = typeflag;
+    put(&mut h, 157, link.as_bytes());
+    put(&mut h, 257, b"ustar\0");
+    put(&mut h, 263, b"00");
+    if typeflag == b'3' {
+        put(&mut h, 329, b"0000001\0");
+        put(&mut h, 337, b"0000003\0");
+    }
+    let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+    put(&mut h, 148, format!("{sum:06o}\0 ").as_bytes());
+    h
+}
+
+/// The seed's hand-made tar (entries the tar crate would refuse to build).
+fn tar(entries: &[(&str, u8, &[u8], &str)]) -> Vec<u8> {
+    let mut out = vec![];
+    for (name, ty, data, link) in entries {
+        let mode = if *ty == b'5' { 0o755 } else { 0o644 };
+        out.extend_from_slice(&tar_header(name, *ty, data.len(), link, mode));
+        out.extend_from_slice(data);
+        out.resize(out.len().div_ceil(512) * 512, 0);
+    }
+    out.resize(out.len() + 1024, 0);
+    out
+}
+
+/// The seed's hostile archives are refused through upload the same way (naming the
+/// entry), nothing is written outside or left in place; good archives extract and a
+/// directory download round-trips.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archives_upload_and_download() {
+    let env = Env::new("files-tar").await;
+    let (_sup, sb) = env.bound(launch()).await;
+    let ws = env.volume().join("workspace");
+    let outside = TempDir::new("files-tar-out");
+    std::fs::set_permissions(&outside.0, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let abs = format!("{}/abs-escape.txt", outside.0.display());
+    let through = outside.0.display().to_string();
+    let gz = |raw: Vec<u8>| {
+        let mut gz = flate2::write::GzEncoder::new(vec![], flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, &raw).unwrap();
+        gz.finish().unwrap()
+    };
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "dotdot",
+            tar(&[
+                ("ok.txt", b'0', b"fine", ""),
+                ("../../../escape.txt", b'0', b"escaped", ""),
+            ]),
+            "escape.txt",
+        ),
+        (
+            "absolute",
+            gz(tar(&[(abs.as_str(), b'0', b"escaped", "")])),
+            "abs-escape.txt",
+        ),
+        (
+            "through-symlink",
+            zstd::encode_all(
+                &tar(&[
+                    ("link", b'2', b"", through.as_str()),
+                    ("link/pwned.txt", b'0', b"x", ""),
+                ])[..],
+                3,
+            )
+            .unwrap(),
+            "pwned.txt",
+        ),
+        (
+            "device",
+            tar(&[("dir", b'5', b"", ""), ("dir/null", b'3', b"", "")]),
+            "null",
+        ),
+    ];
+    sb.mkdir("up", 0, false).await.unwrap();
+    for (name, bytes, entry) in cases {
+        let e = sb.upload_tar("up", bytes, false).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidArgument, "{name}: {e:?}");
+        assert!(
+            e.message.contains(entry),
+            "{name}: error does not name the entry: {e:?}"
+        );
+        assert_eq!(
+            std::fs::read_dir(ws.join("up")).unwrap().count(),
+            0,
+            "{name}: something left in place"
+        );
+        assert_eq!(
+            std::fs::read_dir(&outside.0).unwrap().count(),
+            0,
+            "{name}: written outside"
+        );
+        assert!(!ws.join("escape.txt").exists() && !env.volume().join("escape.txt").exists());
+    }
+
+    // A good archive, gzip then zstd.
+    let good = || {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(5);
+        h.set_mode(0o640);
+        b.append_data(&mut h, "proj/src/a.txt", &b"alpha"[..])
+            .unwrap();
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        b.append_link(&mut h, "proj/link", "src/a.txt").unwrap();
+        b.into_inner().unwrap()
+    };
+    let r = sb.upload_tar("up/gz", gz(good()), true).await.unwrap();
+    assert!(r.entry_count >= 2, "{r:?}");
+    assert_eq!(
+        std::fs::read(ws.join("up/gz/proj/src/a.txt")).unwrap(),
+        b"alpha"
+    );
+    assert_eq!(
+        std::fs::read_link(ws.join("up/gz/proj/link")).unwrap(),
+        Path::new("src/a.txt")
+    );
+    sb.upload_tar("up/zst", zstd::encode_all(&good()[..], 3).unwrap(), true)
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read(ws.join("up/zst/proj/src/a.txt")).unwrap(),
+        b"alpha"
+    );
+    // The same names again: refused, nothing overwritten.
+    let e = sb.upload_tar("up/zst", good(), false).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::AlreadyExists, "{e:?}");
+    assert!(temp_files(&ws.join("up/zst")).is_empty());
+
+    // Download round trip: files, links as links, FIFOs skipped.
+    nix::unistd::mkfifo(
+        &ws.join("up/gz/proj/fifo"),
+        nix::sys::stat::Mode::from_bits_truncate(0o644),
+    )
+    .unwrap();
+    let tarball = sb.download_tar("up/gz").await.unwrap();
+    let mut seen = Vec::new();
+    for e in tar::Archive::new(&tarball[..]).entries().unwrap() {
+        let mut e = e.unwrap();
+        let path = e.path().unwrap().display().to_string();
+        let mut body = Vec::new();
+        std::io::Read::read_to_end(&mut e, &mut body).unwrap();
+        let link = e.link_name().unwrap().map(|l| l.display().to_string());
+        seen.push((path, body, link));
+    }
+    assert!(
+        seen.contains(&("proj/src/a.txt".into(), b"alpha".to_vec(), None)),
+        "{seen:?}"
+    );
+    assert!(
+        seen.contains(&("proj/link".into(), vec![], Some("src/a.txt".into()))),
+        "{seen:?}"
+    );
+    assert!(!seen.iter().any(|(p, _, _)| p.contains("fifo")), "{seen:?}");
+}

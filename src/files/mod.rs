@@ -5,6 +5,7 @@
 //! - [`resolve`]: confinement (no symlink, no `..`, no mount crossing).
 //! - [`ops`]: stat, list, mkdir, remove, rename.
 //! - [`transfer`]: streamed atomic writes and reads.
+//! - [`archive`]: tar upload (extract) and download.
 //! - [`worker`]: the blocking pool and its identity.
 //!
 //! Writes survive a relay drop: a write whose stream broke is parked for the resume
@@ -12,6 +13,8 @@
 //! `WriteFile` re-attaches it from the accepted offset; a finished write's result is
 //! remembered as long. A stream the gateway ends cleanly without `FileEnd` cancels it.
 
+mod archive;
+mod archive_stream;
 mod ops;
 mod resolve;
 mod transfer;
@@ -36,8 +39,9 @@ pub(crate) use worker::FsIdentity;
 const READ_FRAME: usize = 256 * 1024;
 /// A `FileAck` at least every this many accepted bytes.
 const ACK_EVERY: u64 = 4 << 20;
-/// Worker threads of the pool (fixed at bind time).
-const WORKER_THREADS: usize = 2;
+/// Worker threads of the pool (fixed at bind time). An archive upload or download holds
+/// one for its duration; other operations take one per frame.
+const WORKER_THREADS: usize = 4;
 /// How long the supervisor waits for the gateway to end its side after the last frame.
 const LINGER: Duration = Duration::from_secs(30);
 
@@ -303,13 +307,8 @@ async fn serve(inner: Arc<Inner>, id: String, gen: u64, op: Op, opener: Opener) 
     let outcome = match op {
         Op::Write(w) => serve_write(&inner, &id, w, &opener).await,
         Op::Read(r) => serve_read(&inner, &id, r, &opener).await,
-        Op::Extract(_) | Op::Archive(_) => {
-            let e = FileError::new(
-                ErrorCode::Unavailable,
-                "archive upload and download are not implemented by this supervisor yet; use write and read",
-            );
-            simple(&inner, &id, Err(e), &opener).await
-        }
+        Op::Extract(x) => archive_stream::serve_extract(&inner, &id, x, &opener).await,
+        Op::Archive(a) => archive_stream::serve_archive(&inner, &id, a, &opener).await,
         other => {
             let roots = inner.roots.clone();
             let result = inner

@@ -376,4 +376,98 @@ impl Sandbox {
             }
         }
     }
+
+    /// Uploads `archive` (a tar, plain, gzip or zstd) to be extracted below `dir`. Not
+    /// resumable: a broken stream fails with UNAVAILABLE and nothing is put in place.
+    pub async fn upload_tar(
+        &self,
+        dir: &str,
+        archive: impl Into<Bytes>,
+        create_parents: bool,
+    ) -> Result<proto::FileResult, ExecError> {
+        let data: Bytes = archive.into();
+        let id = short_id("x");
+        let op = Op::Extract(proto::ExtractArchive {
+            path: dir.into(),
+            compression: proto::Compression::Unspecified as i32,
+            create_parents,
+        });
+        let (mut opened, _) = self.open_file(&id, op).await?;
+        let mut next = 0usize;
+        let mut ended = false;
+        loop {
+            tokio::select! {
+                biased;
+                msg = opened.up.message() => match msg {
+                    Ok(Some(FileUp { msg: Some(file_up::Msg::Result(r)) })) => return Ok(r),
+                    Ok(Some(FileUp { msg: Some(file_up::Msg::Error(e)) })) => return Err(from_proto(e)),
+                    Ok(Some(_)) => {}
+                    Ok(None) => return Err(err(ErrorCode::Unavailable, format!("upload to {dir}: the stream ended without a result"))),
+                    Err(s) => return Err(err(ErrorCode::Unavailable, format!("upload to {dir}: the stream broke: {}", s.message()))),
+                },
+                permit = opened.down.reserve(), if !ended => {
+                    let Ok(permit) = permit else {
+                        return Err(err(ErrorCode::Unavailable, format!("upload to {dir}: the stream closed")));
+                    };
+                    if next < data.len() {
+                        let end = (next + WRITE_FRAME).min(data.len());
+                        permit.send(Ok(FileDown { msg: Some(file_down::Msg::Data(proto::FileData { offset: next as u64, data: data.slice(next..end) })) }));
+                        next = end;
+                    } else {
+                        permit.send(Ok(FileDown { msg: Some(file_down::Msg::End(proto::FileEnd { size: data.len() as u64 })) }));
+                        ended = true;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Downloads `dir` as a plain tar stream; checks the stream's SHA-256.
+    pub async fn download_tar(&self, dir: &str) -> Result<Vec<u8>, ExecError> {
+        let id = short_id("a");
+        let op = Op::Archive(proto::ArchiveDir {
+            path: dir.into(),
+            compression: proto::Compression::None as i32,
+        });
+        let (mut opened, _) = self.open_file(&id, op).await?;
+        let mut out = Vec::new();
+        loop {
+            match opened.up.message().await {
+                Ok(Some(FileUp {
+                    msg: Some(file_up::Msg::Data(d)),
+                })) => out.extend_from_slice(&d.data),
+                Ok(Some(FileUp {
+                    msg: Some(file_up::Msg::Result(r)),
+                })) => {
+                    let local = hex::encode(Sha256::digest(&out));
+                    if local != r.sha256 {
+                        return Err(err(
+                            ErrorCode::Internal,
+                            format!(
+                                "download of {dir}: SHA-256 {local}, the supervisor reports {}",
+                                r.sha256
+                            ),
+                        ));
+                    }
+                    return Ok(out);
+                }
+                Ok(Some(FileUp {
+                    msg: Some(file_up::Msg::Error(e)),
+                })) => return Err(from_proto(e)),
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    return Err(err(
+                        ErrorCode::Unavailable,
+                        format!("download of {dir}: the stream ended without a result"),
+                    ))
+                }
+                Err(s) => {
+                    return Err(err(
+                        ErrorCode::Unavailable,
+                        format!("download of {dir}: the stream broke: {}", s.message()),
+                    ))
+                }
+            }
+        }
+    }
 }
