@@ -195,6 +195,22 @@ pub struct RunConfig {
     /// Log filter (tracing EnvFilter syntax, e.g. "info" or "debug").
     #[arg(long, env = "SANDBOX_SUPERVISOR_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+
+    // ── file streams (issue #14) ──
+    /// Absolute directories file operations may name besides the workspace
+    /// (comma-separated, e.g. "/tmp"). Default: none, only workspace-relative paths.
+    #[arg(long, env = "SANDBOX_SUPERVISOR_FILE_ROOTS", value_delimiter = ',')]
+    pub file_roots: Vec<PathBuf>,
+    /// How long an interrupted write waits for its gateway to resume it (and a finished
+    /// one's result is remembered) before its temporary file is removed.
+    #[arg(long, env = "SANDBOX_SUPERVISOR_FILE_RESUME_WINDOW", default_value = "60s", value_parser = parse_duration)]
+    pub file_resume_window: Duration,
+    /// Largest file a write may create (bytes; K/M/G suffixes).
+    #[arg(long, env = "SANDBOX_SUPERVISOR_MAX_FILE_SIZE", default_value = "16G", value_parser = parse_file_size)]
+    pub max_file_size: u64,
+    /// File operations running at once; more are refused (RESOURCE_EXHAUSTED).
+    #[arg(long, env = "SANDBOX_SUPERVISOR_MAX_FILE_OPERATIONS", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub max_file_operations: u32,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -285,6 +301,26 @@ pub fn parse_process_cap(s: &str) -> Result<ProcessCap, String> {
             .parse::<u64>()
             .map(ProcessCap::Limit)
             .map_err(|_| format!("'{s}' is not a process count: use auto, 0 (no cap) or a number")),
+    }
+}
+
+/// A file size limit: a byte count with an optional K/M/G/T suffix, at least 1.
+pub fn parse_file_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, shift) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 10),
+        Some('M' | 'm') => (&t[..t.len() - 1], 20),
+        Some('G' | 'g') => (&t[..t.len() - 1], 30),
+        Some('T' | 't') => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size: use e.g. 1048576, 512M, 16G"))?;
+    match n.checked_mul(1u64 << shift) {
+        Some(0) => Err(format!("'{s}' is zero: give a size of at least 1 byte")),
+        Some(v) => Ok(v),
+        None => Err(format!("'{s}' is too large")),
     }
 }
 

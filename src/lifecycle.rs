@@ -396,6 +396,7 @@ pub async fn run(
         privileged,
         passwd: m.cfg.passwd.clone(),
     };
+    let policy_user = policy.default_user.clone();
     let exec_cfg = ExecConfig {
         policy,
         buffer_capacity: m.cfg.session_buffer,
@@ -422,7 +423,17 @@ pub async fn run(
         instance_id: m.instance_id.clone(),
         sessions: vec![],
     };
-    let files = crate::files::Files::new();
+    let files = crate::files::Files::new(
+        crate::files::FilesConfig {
+            workspace: volume.workspace_dir(),
+            roots: m.cfg.file_roots.clone(),
+            identity: privileged.then_some((policy_user.uid, policy_user.gid)),
+            resume_window: m.cfg.file_resume_window,
+            max_file_size: m.cfg.max_file_size,
+            max_operations: m.cfg.max_file_operations as usize,
+        },
+        m.telemetry.clone(),
+    );
     let forwards = crate::ports::Forwards::new();
     let relay = Relay {
         endpoint: endpoint.clone(),

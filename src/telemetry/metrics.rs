@@ -25,6 +25,18 @@ pub struct StreamLabel {
     pub stream: String,
 }
 
+// ── file streams (issue #14) ──
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabel {
+    pub direction: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FileOpLabel {
+    pub op: String,
+    pub outcome: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CapabilityLabel {
     pub capability: String,
@@ -80,6 +92,8 @@ pub struct Metrics {
     token_refreshes_total: Family<ResultLabel, Counter>,
     pub register_attempts_total: Counter,
     platform_capability: Family<CapabilityLabel, Gauge>,
+    file_bytes_total: Family<DirectionLabel, Counter>,
+    file_operations_total: Family<FileOpLabel, Counter>,
 }
 
 impl Metrics {
@@ -100,6 +114,8 @@ impl Metrics {
             token_refreshes_total: Family::default(),
             register_attempts_total: Counter::default(),
             platform_capability: Family::default(),
+            file_bytes_total: Family::default(),
+            file_operations_total: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -162,6 +178,16 @@ impl Metrics {
             "Kernel features probed at boot (1 available, 0 missing: a fallback is taken)",
             m.platform_capability.clone(),
         );
+        registry.register(
+            "file_bytes",
+            "File content bytes moved by file streams (up: into the sandbox, down: out of it)",
+            m.file_bytes_total.clone(),
+        );
+        registry.register(
+            "file_operations",
+            "File operations by op and outcome",
+            m.file_operations_total.clone(),
+        );
         for s in STATES {
             m.state
                 .get_or_create(&StateLabel { state: s.into() })
@@ -190,6 +216,23 @@ impl Metrics {
         self.sessions_total
             .get_or_create(&OutcomeLabel {
                 outcome: outcome.as_str().into(),
+            })
+            .inc();
+    }
+
+    pub fn file_bytes(&self, direction: &'static str, n: u64) {
+        self.file_bytes_total
+            .get_or_create(&DirectionLabel {
+                direction: direction.into(),
+            })
+            .inc_by(n);
+    }
+
+    pub fn file_operation(&self, op: &'static str, outcome: &'static str) {
+        self.file_operations_total
+            .get_or_create(&FileOpLabel {
+                op: op.into(),
+                outcome: outcome.into(),
             })
             .inc();
     }

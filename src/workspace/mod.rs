@@ -10,17 +10,17 @@
 //! `RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS|RESOLVE_NO_XDEV` where the kernel has it), never
 //! through a path a tenant could have re-pointed.
 
-mod archive;
+pub(crate) mod archive;
 mod boot;
 mod copydir;
 mod fetch;
 mod flags;
-mod fsutil;
+pub(crate) mod fsutil;
 mod layout;
 mod records;
 mod seed;
-mod stage;
-mod wipe;
+pub(crate) mod stage;
+pub(crate) mod wipe;
 
 #[cfg(test)]
 mod tests;
