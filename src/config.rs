@@ -186,6 +186,19 @@ pub struct RunConfig {
     #[arg(long, env = "SANDBOX_SUPERVISOR_RELEASE_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub release_grace: Duration,
 
+    // --- port forwards (src/ports) ---
+    /// Non-loopback addresses port forwards may reach, comma-separated: CIDRs
+    /// (10.0.0.0/8), IPs (10.1.2.3) or ip:port (10.1.2.3:5432). Loopback is always
+    /// allowed; the default allows nothing else.
+    #[arg(long, env = "SANDBOX_SUPERVISOR_FORWARD_ALLOW", default_value = "", value_parser = crate::ports::parse_allow)]
+    pub forward_allow: crate::ports::AllowList,
+    /// How long a port forward's TCP connect may take before it fails (UNAVAILABLE).
+    #[arg(long, env = "SANDBOX_SUPERVISOR_FORWARD_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub forward_connect_timeout: Duration,
+    /// Port forwards open at once; past it a new one is refused (RESOURCE_EXHAUSTED).
+    #[arg(long, env = "SANDBOX_SUPERVISOR_MAX_FORWARDS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    pub max_forwards: u32,
+    // --- end port forwards ---
     /// Address for /livez, /readyz and /metrics ("off" to disable).
     #[arg(long, env = "SANDBOX_SUPERVISOR_LISTEN_PROBES", default_value = "0.0.0.0:9090", value_parser = parse_listen)]
     pub listen_probes: ProbeListen,

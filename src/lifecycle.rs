@@ -423,7 +423,7 @@ pub async fn run(
         sessions: vec![],
     };
     let files = crate::files::Files::new();
-    let forwards = crate::ports::Forwards::new();
+    let forwards = crate::ports::Forwards::new(crate::ports::ForwardConfig::from_run(&m.cfg));
     let relay = Relay {
         endpoint: endpoint.clone(),
         channel: Some(channel.get()),

@@ -24,6 +24,7 @@ pub struct Opened<Up, Down> {
 
 /// A stream handed to the caller that asked for it.
 pub(crate) enum Attached {
+    #[allow(dead_code)] // read by the files driver (another branch)
     File(Opened<proto::FileUp, proto::FileDown>, proto::FileAttach),
     Forward(Opened<proto::ForwardUp, proto::ForwardDown>),
 }

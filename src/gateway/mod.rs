@@ -3,11 +3,11 @@
 //! in-process by tests, benchmarks and the `local` command. The supervisor is always its
 //! gRPC client.
 
-#[allow(dead_code)] // used by the files and forward drivers, landing next
 mod channels;
 mod control;
 mod driver;
 mod exec_handle;
+pub mod forward;
 pub mod issuer;
 pub mod link;
 mod net;
@@ -25,6 +25,7 @@ pub use driver::{
     ClaimDelivery, ClaimOptions, ExecError, GatewayConfig, ParkedPod, Push, ReferenceGateway,
 };
 pub use exec_handle::{Exec, ExecEvent, ExecInput, ExecOutput, ACK_EVERY};
+pub use forward::{ForwardConn, ForwardReader, ForwardWriter};
 pub use sandbox::Sandbox;
 pub use state::{PodStats, PresentedToken};
 pub use stdin::RETAIN_LIMIT as STDIN_RETAIN_LIMIT;

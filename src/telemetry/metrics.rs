@@ -80,6 +80,8 @@ pub struct Metrics {
     token_refreshes_total: Family<ResultLabel, Counter>,
     pub register_attempts_total: Counter,
     platform_capability: Family<CapabilityLabel, Gauge>,
+    /// Port forwards (src/ports).
+    pub forwards: super::forwards::ForwardMetrics,
 }
 
 impl Metrics {
@@ -100,6 +102,7 @@ impl Metrics {
             token_refreshes_total: Family::default(),
             register_attempts_total: Counter::default(),
             platform_capability: Family::default(),
+            forwards: Default::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -162,6 +165,7 @@ impl Metrics {
             "Kernel features probed at boot (1 available, 0 missing: a fallback is taken)",
             m.platform_capability.clone(),
         );
+        m.forwards.register(&mut registry);
         for s in STATES {
             m.state
                 .get_or_create(&StateLabel { state: s.into() })
