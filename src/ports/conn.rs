@@ -75,6 +75,7 @@ pub(super) async fn serve(
     opener: Opener,
     cfg: &ForwardConfig,
     mut closing: watch::Receiver<bool>,
+    slot: super::Slot,
 ) {
     let id = req.forward_id.clone();
     let metrics = &opener.telemetry.metrics.forwards;
@@ -134,6 +135,8 @@ pub(super) async fn serve(
             let _ = tx.send(error_frame(code, message)).await;
             drop(wr_tx);
             drop(tx);
+            // No connection: the slot is free while the gateway ends its side.
+            drop(slot);
             let _ = tokio::time::timeout(END_WAIT, &mut down).await;
             return;
         }

@@ -74,7 +74,7 @@ struct State {
 }
 
 /// One forward's slot: freed when its task ends or is aborted.
-struct Slot {
+pub(super) struct Slot {
     inner: Arc<Inner>,
     id: String,
     opener: Opener,
@@ -155,8 +155,7 @@ impl Forwards {
         let closing = self.inner.closing.subscribe();
         let cfg = self.inner.cfg.clone();
         let task = tokio::spawn(async move {
-            let _slot = slot;
-            conn::serve(req, opener, &cfg, closing).await;
+            conn::serve(req, opener, &cfg, closing, slot).await;
         });
         if let Some(h) = self.inner.lock().open.get_mut(&id) {
             *h = Some(task.abort_handle());
