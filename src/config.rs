@@ -224,9 +224,35 @@ pub struct LocalArgs {
     /// Keep the temporary volume and logs for inspection.
     #[arg(long)]
     pub keep: bool,
+    /// Make the sandbox's TCP port PORT reachable on 127.0.0.1:LOCALPORT of this
+    /// machine (default: the same port) while the command runs. Repeatable.
+    #[arg(long = "forward", value_name = "PORT[:LOCALPORT]", value_parser = parse_local_forward)]
+    pub forward: Vec<LocalForward>,
     /// The command to run in the sandbox (default: an interactive shell).
     #[arg(last = true)]
     pub command: Vec<String>,
+}
+
+/// `local --forward PORT[:LOCALPORT]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalForward {
+    pub port: u16,
+    pub local: u16,
+}
+
+fn parse_local_forward(s: &str) -> Result<LocalForward, String> {
+    let bad =
+        || format!("'{s}' is not PORT[:LOCALPORT]: give e.g. 8000 or 8000:18000 (ports 1..=65535)");
+    let port = |p: &str| p.trim().parse::<u16>().ok().filter(|p| *p != 0);
+    match s.split_once(':') {
+        None => port(s)
+            .map(|p| LocalForward { port: p, local: p })
+            .ok_or_else(bad),
+        Some((a, b)) => match (port(a), port(b)) {
+            (Some(port), Some(local)) => Ok(LocalForward { port, local }),
+            _ => Err(bad()),
+        },
+    }
 }
 
 #[derive(Debug, Clone, Args)]

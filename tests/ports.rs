@@ -390,3 +390,45 @@ async fn forwards_close_at_release() {
         sup.logs()
     );
 }
+
+/// `local --forward PORT:LOCALPORT -- <server>`: the sandbox's server answers on this
+/// machine's loopback while the command runs.
+#[test]
+fn local_forward_serves_the_sandbox_server_on_this_machine() {
+    require!(have_python(), "python3 is not installed");
+    let (inner, outer) = (free_port(), free_port());
+    let dir = TempDir::new("fwd-local");
+    let mut child = std::process::Command::new(BIN)
+        .args(["local", "--plaintext", "--forward", &format!("{inner}:{outer}"), "--"])
+        .args(["sh", "-c", &format!("echo forwarded-ok > hello.txt; timeout 15 python3 -m http.server {inner} --bind 127.0.0.1")])
+        .env("TMPDIR", &dir.0)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let body = loop {
+        use std::io::{Read, Write};
+        if let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", outer)) {
+            let _ = c.write_all(b"GET /hello.txt HTTP/1.0\r\n\r\n");
+            let mut r = Vec::new();
+            let _ = c.read_to_end(&mut r);
+            if r.starts_with(b"HTTP/1.0 200") {
+                break r;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no reply through local --forward"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        body.ends_with(b"forwarded-ok\n"),
+        "{:?}",
+        String::from_utf8_lossy(&body)
+    );
+}
