@@ -186,6 +186,19 @@ pub struct RunConfig {
     #[arg(long, env = "SANDBOX_SUPERVISOR_RELEASE_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub release_grace: Duration,
 
+    // --- port forwards (src/ports) ---
+    /// Non-loopback addresses port forwards may reach, comma-separated: CIDRs
+    /// (10.0.0.0/8), IPs (10.1.2.3) or ip:port (10.1.2.3:5432). Loopback is always
+    /// allowed; the default allows nothing else.
+    #[arg(long, env = "SANDBOX_SUPERVISOR_FORWARD_ALLOW", default_value = "", value_parser = crate::ports::parse_allow)]
+    pub forward_allow: crate::ports::AllowList,
+    /// How long a port forward's TCP connect may take before it fails (UNAVAILABLE).
+    #[arg(long, env = "SANDBOX_SUPERVISOR_FORWARD_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub forward_connect_timeout: Duration,
+    /// Port forwards open at once; past it a new one is refused (RESOURCE_EXHAUSTED).
+    #[arg(long, env = "SANDBOX_SUPERVISOR_MAX_FORWARDS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    pub max_forwards: u32,
+    // --- end port forwards ---
     /// Address for /livez, /readyz and /metrics ("off" to disable).
     #[arg(long, env = "SANDBOX_SUPERVISOR_LISTEN_PROBES", default_value = "0.0.0.0:9090", value_parser = parse_listen)]
     pub listen_probes: ProbeListen,
@@ -227,9 +240,35 @@ pub struct LocalArgs {
     /// Keep the temporary volume and logs for inspection.
     #[arg(long)]
     pub keep: bool,
+    /// Make the sandbox's TCP port PORT reachable on 127.0.0.1:LOCALPORT of this
+    /// machine (default: the same port) while the command runs. Repeatable.
+    #[arg(long = "forward", value_name = "PORT[:LOCALPORT]", value_parser = parse_local_forward)]
+    pub forward: Vec<LocalForward>,
     /// The command to run in the sandbox (default: an interactive shell).
     #[arg(last = true)]
     pub command: Vec<String>,
+}
+
+/// `local --forward PORT[:LOCALPORT]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalForward {
+    pub port: u16,
+    pub local: u16,
+}
+
+fn parse_local_forward(s: &str) -> Result<LocalForward, String> {
+    let bad =
+        || format!("'{s}' is not PORT[:LOCALPORT]: give e.g. 8000 or 8000:18000 (ports 1..=65535)");
+    let port = |p: &str| p.trim().parse::<u16>().ok().filter(|p| *p != 0);
+    match s.split_once(':') {
+        None => port(s)
+            .map(|p| LocalForward { port: p, local: p })
+            .ok_or_else(bad),
+        Some((a, b)) => match (port(a), port(b)) {
+            (Some(port), Some(local)) => Ok(LocalForward { port, local }),
+            _ => Err(bad()),
+        },
+    }
 }
 
 #[derive(Debug, Clone, Args)]

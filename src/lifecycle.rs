@@ -434,7 +434,7 @@ pub async fn run(
         },
         m.telemetry.clone(),
     );
-    let forwards = crate::ports::Forwards::new();
+    let forwards = crate::ports::Forwards::new(crate::ports::ForwardConfig::from_run(&m.cfg));
     let relay = Relay {
         endpoint: endpoint.clone(),
         channel: Some(channel.get()),

@@ -175,7 +175,7 @@ async fn run(args: LocalArgs) -> anyhow::Result<i32> {
 
     // The session against the supervisor's exit: a supervisor that dies (refuses, fails,
     // is killed) never parks or serves, so waiting on the gateway would only time out.
-    let driving = drive(&gateway, &pod.pod_name, &args.command);
+    let driving = drive(&gateway, &pod.pod_name, &args.command, &args.forward);
     tokio::pin!(driving);
     let first = tokio::select! {
         r = &mut driving => First::Drove(r),
@@ -257,6 +257,7 @@ async fn drive(
     gateway: &ReferenceGateway,
     pod_name: &str,
     command: &[String],
+    forwards: &[crate::config::LocalForward],
 ) -> anyhow::Result<(i32, bool)> {
     gateway
         .wait_parked(pod_name, Duration::from_secs(60))
@@ -267,6 +268,29 @@ async fn drive(
         .wait_connected(sandbox.id(), Duration::from_secs(30))
         .await
         .context("waiting for the relay")?;
+    // --- local --forward: each a loopback listener here, relayed into the sandbox ---
+    let mut serving = Vec::new();
+    for f in forwards {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", f.local))
+            .await
+            .with_context(|| {
+                format!(
+                    "--forward {}:{}: cannot listen on 127.0.0.1:{}",
+                    f.port, f.local, f.local
+                )
+            })?;
+        eprintln!(
+            "local: forwarding 127.0.0.1:{} -> port {} in the sandbox",
+            f.local, f.port
+        );
+        let sb = sandbox.clone();
+        let port = u32::from(f.port);
+        serving.push(tokio::spawn(async move {
+            sb.serve_forward(listener, String::new(), port).await
+        }));
+    }
+    let _stop_serving = AbortOnDrop(serving);
+    // --- end local --forward ---
 
     let interactive = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
     let argv = if command.is_empty() {
@@ -409,5 +433,16 @@ impl Drop for RawMode {
             nix::sys::termios::SetArg::TCSANOW,
             &self.0,
         );
+    }
+}
+
+/// Stops the `--forward` listeners when the command is done.
+struct AbortOnDrop(Vec<tokio::task::JoinHandle<std::io::Result<()>>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
     }
 }

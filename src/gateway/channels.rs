@@ -25,7 +25,6 @@ pub struct Opened<Up, Down> {
 /// A stream handed to the caller that asked for it.
 pub(crate) enum Attached {
     File(Opened<proto::FileUp, proto::FileDown>, proto::FileAttach),
-    #[allow(dead_code)] // read by the forward driver (src/gateway/forward.rs)
     Forward(Opened<proto::ForwardUp, proto::ForwardDown>),
 }
 

@@ -8,6 +8,7 @@ mod control;
 mod driver;
 mod exec_handle;
 mod files;
+pub mod forward;
 pub mod issuer;
 pub mod link;
 mod net;
@@ -26,6 +27,7 @@ pub use driver::{
 };
 pub use exec_handle::{Exec, ExecEvent, ExecInput, ExecOutput, ACK_EVERY};
 pub use files::WriteOptions;
+pub use forward::{ForwardConn, ForwardReader, ForwardWriter};
 pub use sandbox::Sandbox;
 pub use state::{PodStats, PresentedToken};
 pub use stdin::RETAIN_LIMIT as STDIN_RETAIN_LIMIT;

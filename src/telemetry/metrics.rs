@@ -94,6 +94,8 @@ pub struct Metrics {
     platform_capability: Family<CapabilityLabel, Gauge>,
     file_bytes_total: Family<DirectionLabel, Counter>,
     file_operations_total: Family<FileOpLabel, Counter>,
+    /// Port forwards (src/ports).
+    pub forwards: super::forwards::ForwardMetrics,
 }
 
 impl Metrics {
@@ -116,6 +118,7 @@ impl Metrics {
             platform_capability: Family::default(),
             file_bytes_total: Family::default(),
             file_operations_total: Family::default(),
+            forwards: Default::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -188,6 +191,7 @@ impl Metrics {
             "File operations by op and outcome",
             m.file_operations_total.clone(),
         );
+        m.forwards.register(&mut registry);
         for s in STATES {
             m.state
                 .get_or_create(&StateLabel { state: s.into() })

@@ -1,6 +1,7 @@
 //! What operators see: structured logs with stable event names, `/livez`, `/readyz`
 //! and `/metrics` (Prometheus text).
 
+pub mod forwards;
 pub mod logs;
 mod metrics;
 mod redact;
