@@ -244,9 +244,51 @@ pub struct LocalArgs {
     /// machine (default: the same port) while the command runs. Repeatable.
     #[arg(long = "forward", value_name = "PORT[:LOCALPORT]", value_parser = parse_local_forward)]
     pub forward: Vec<LocalForward>,
+    /// Before the command: copy SRC (a file or directory here) to DST in the workspace
+    /// (a directory's contents are extracted below DST). Repeatable.
+    #[arg(long = "upload", value_name = "SRC:DST", value_parser = parse_upload)]
+    pub upload: Vec<LocalTransfer>,
+    /// After the command, before the release: copy SRC (a file or directory in the
+    /// workspace) to DST here. Repeatable.
+    #[arg(long = "download", value_name = "SRC:DST", value_parser = parse_download)]
+    pub download: Vec<LocalTransfer>,
     /// The command to run in the sandbox (default: an interactive shell).
     #[arg(last = true)]
     pub command: Vec<String>,
+}
+
+/// `local --upload`/`--download`: a path on this machine and one in the workspace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalTransfer {
+    pub local: PathBuf,
+    pub remote: String,
+}
+
+/// Splits `SRC:DST` at the first `:` (so a workspace path may contain one, a local
+/// source may not).
+fn split_transfer(s: &str, flag: &str) -> Result<(String, String), String> {
+    match s.split_once(':') {
+        Some((a, b)) if !a.is_empty() && !b.is_empty() => Ok((a.to_owned(), b.to_owned())),
+        _ => Err(format!(
+            "'{s}' is not SRC:DST: give e.g. {flag} ./project:project (both sides non-empty)"
+        )),
+    }
+}
+
+fn parse_upload(s: &str) -> Result<LocalTransfer, String> {
+    let (local, remote) = split_transfer(s, "--upload")?;
+    Ok(LocalTransfer {
+        local: local.into(),
+        remote,
+    })
+}
+
+fn parse_download(s: &str) -> Result<LocalTransfer, String> {
+    let (remote, local) = split_transfer(s, "--download")?;
+    Ok(LocalTransfer {
+        local: local.into(),
+        remote,
+    })
 }
 
 /// `local --forward PORT[:LOCALPORT]`.

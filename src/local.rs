@@ -8,6 +8,7 @@
 //! `local` stops waiting the moment its supervisor exits, with the supervisor's reason.
 
 mod spawn;
+mod transfer;
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
@@ -175,7 +176,7 @@ async fn run(args: LocalArgs) -> anyhow::Result<i32> {
 
     // The session against the supervisor's exit: a supervisor that dies (refuses, fails,
     // is killed) never parks or serves, so waiting on the gateway would only time out.
-    let driving = drive(&gateway, &pod.pod_name, &args.command, &args.forward);
+    let driving = drive(&gateway, &pod.pod_name, &args);
     tokio::pin!(driving);
     let first = tokio::select! {
         r = &mut driving => First::Drove(r),
@@ -256,9 +257,9 @@ fn finish(
 async fn drive(
     gateway: &ReferenceGateway,
     pod_name: &str,
-    command: &[String],
-    forwards: &[crate::config::LocalForward],
+    args: &LocalArgs,
 ) -> anyhow::Result<(i32, bool)> {
+    let (command, forwards) = (&args.command, &args.forward);
     gateway
         .wait_parked(pod_name, Duration::from_secs(60))
         .await
@@ -291,6 +292,9 @@ async fn drive(
     }
     let _stop_serving = AbortOnDrop(serving);
     // --- end local --forward ---
+    for t in &args.upload {
+        transfer::upload(&sandbox, t).await?;
+    }
 
     let interactive = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
     let argv = if command.is_empty() {
@@ -360,6 +364,14 @@ async fn drive(
         }
     };
     drop(_raw);
+    // Downloads run whatever the command's status, before the release wipes.
+    let mut download_failed = None;
+    for t in &args.download {
+        if let Err(e) = transfer::download(&sandbox, t).await {
+            eprintln!("local: {e:#}");
+            download_failed = Some(e);
+        }
+    }
     let report = sandbox
         .release(
             "local session finished",
@@ -380,6 +392,9 @@ async fn drive(
                 format!(", error: {}", r.error)
             }
         );
+    }
+    if let Some(e) = download_failed {
+        return Err(e.context("a download failed (the sandbox was released anyway)"));
     }
     Ok((status.status, wiped))
 }

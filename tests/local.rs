@@ -147,3 +147,67 @@ fn local_as_root_inside_gvisor() {
     assert!(out.status.success(), "{err}");
     assert_eq!(stdout, "hi\n", "{err}");
 }
+
+/// `local --upload` puts a directory and a file into the workspace before the command,
+/// `--download` brings a directory and a file back after it, byte-identical and with
+/// their modes; a missing download source fails `local` naming it.
+#[test]
+fn local_uploads_before_and_downloads_after_the_command() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("local-xfer");
+    let src = dir.0.join("src");
+    std::fs::create_dir_all(src.join("nested")).unwrap();
+    let payload: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(src.join("nested/data.bin"), &payload).unwrap();
+    std::fs::write(src.join("run.sh"), "#!/bin/sh\necho ran\n").unwrap();
+    std::fs::set_permissions(src.join("run.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(dir.0.join("one.txt"), "one file\n").unwrap();
+    let out = dir.0.join("out");
+    let script = "set -e; test -x in/run.sh; cmp in/nested/data.bin in/nested/data.bin; \
+                  mkdir -p result/deep; cp in/nested/data.bin result/deep/copy.bin; \
+                  cat one.txt > result/echo.txt; ./in/run.sh > made.txt";
+    let run = |extra: &[String]| {
+        let child = Command::new(BIN)
+            .args(["local", "--plaintext"])
+            .args(extra)
+            .args(["--", "sh", "-c", script])
+            .env("TMPDIR", &dir.0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        output_after_exit(child, Duration::from_secs(60)).expect("local did not finish")
+    };
+    let arg = |flag: &str, v: String| [flag.to_owned(), v];
+    let mut args = Vec::new();
+    args.extend(arg("--upload", format!("{}:in", src.display())));
+    args.extend(arg(
+        "--upload",
+        format!("{}:one.txt", dir.0.join("one.txt").display()),
+    ));
+    args.extend(arg("--download", format!("result:{}", out.display())));
+    args.extend(arg(
+        "--download",
+        format!("made.txt:{}", dir.0.join("made.txt").display()),
+    ));
+    let (code, err) = run(&args);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(std::fs::read(out.join("deep/copy.bin")).unwrap(), payload);
+    assert_eq!(
+        std::fs::read_to_string(out.join("echo.txt")).unwrap(),
+        "one file\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.0.join("made.txt")).unwrap(),
+        "ran\n"
+    );
+    assert!(err.contains("local: uploaded"), "{err}");
+
+    let (code, err) = run(&arg(
+        "--download",
+        format!("no-such-thing:{}", dir.0.join("x").display()),
+    ));
+    assert_ne!(code, 0, "a missing download source must fail local: {err}");
+    assert!(err.contains("--download no-such-thing"), "{err}");
+}
