@@ -346,13 +346,21 @@ pub(crate) fn archive(
     req: &proto::ArchiveDir,
     out: FrameWriter,
 ) -> Result<proto::FileResult, FileError> {
+    let compression =
+        proto::Compression::try_from(req.compression).unwrap_or(proto::Compression::Unspecified);
+    if compression == proto::Compression::Zstd {
+        // A zstd encoder would cost the static binary ~1 MiB (only the decoder is linked
+        // for the seed); gzip is the compressed download.
+        return Err(FileError::new(
+            ErrorCode::InvalidArgument,
+            "downloads are plain tar or gzip: zstd compression is not built in; ask for COMPRESSION_GZIP or COMPRESSION_NONE",
+        ));
+    }
     let t = roots.target(&req.path)?;
     let dir = t.open_dir(roots.resolve)?;
     let dev = stat::fstat(dir.as_fd())
         .map_err(|e| t.err(e, "stat"))?
         .st_dev;
-    let compression =
-        proto::Compression::try_from(req.compression).unwrap_or(proto::Compression::Unspecified);
     let finish = |w: Walk<'_, Box<dyn Write>>| -> Result<(u64, u64), FileError> {
         let (entries, content) = (w.entries, w.content);
         let mut inner = w.tar.into_inner().map_err(|e| io_err(&t.shown, e))?;
@@ -378,11 +386,8 @@ pub(crate) fn archive(
     }
     let last = Last(out, shared.clone());
     let sink: Box<dyn Write> = match compression {
-        proto::Compression::Gzip => Box::new(FinishOnFlush::Gzip(Some(
+        proto::Compression::Gzip => Box::new(GzipFinishOnFlush(Some(
             flate2::write::GzEncoder::new(last, flate2::Compression::fast()),
-        ))),
-        proto::Compression::Zstd => Box::new(FinishOnFlush::Zstd(Some(
-            zstd::stream::write::Encoder::new(last, 3).map_err(|e| io_err(&t.shown, e))?,
         ))),
         _ => Box::new(last),
     };
@@ -409,31 +414,20 @@ pub(crate) fn archive(
     })
 }
 
-/// A compressor whose `flush` writes its trailer and flushes the sink (once).
-enum FinishOnFlush<W: Write> {
-    Gzip(Option<flate2::write::GzEncoder<W>>),
-    Zstd(Option<zstd::stream::write::Encoder<'static, W>>),
-}
+/// A gzip compressor whose `flush` writes its trailer and flushes the sink (once).
+struct GzipFinishOnFlush<W: Write>(Option<flate2::write::GzEncoder<W>>);
 
-impl<W: Write> Write for FinishOnFlush<W> {
+impl<W: Write> Write for GzipFinishOnFlush<W> {
     fn write(&mut self, d: &[u8]) -> std::io::Result<usize> {
-        match self {
-            FinishOnFlush::Gzip(Some(e)) => e.write(d),
-            FinishOnFlush::Zstd(Some(e)) => e.write(d),
-            _ => Err(std::io::Error::other("compressor already finished")),
+        match &mut self.0 {
+            Some(e) => e.write(d),
+            None => Err(std::io::Error::other("compressor already finished")),
         }
     }
     fn flush(&mut self) -> std::io::Result<()> {
-        let mut w = match self {
-            FinishOnFlush::Gzip(e) => match e.take() {
-                Some(e) => e.finish()?,
-                None => return Ok(()),
-            },
-            FinishOnFlush::Zstd(e) => match e.take() {
-                Some(e) => e.finish()?,
-                None => return Ok(()),
-            },
-        };
-        w.flush()
+        match self.0.take() {
+            Some(e) => e.finish()?.flush(),
+            None => Ok(()),
+        }
     }
 }
