@@ -49,7 +49,7 @@ pub async fn files(launch: Launch, mib: u64) -> Vec<Row> {
     let (_sup, sandbox) = env.bound(launch).await;
     let bytes = mib << 20;
     let data = Bytes::from(pseudo_random(bytes as usize));
-    let vol = env.volume();
+    let vol = env.volume().join("workspace");
     let src = vol.join("src.bin");
     std::fs::write(&src, &data).unwrap();
 
