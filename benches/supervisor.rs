@@ -13,6 +13,8 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+mod channels;
+
 use common::*;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -54,7 +56,7 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
     // `--only NAME`: just the rows whose name contains NAME (bind, idle, exec, tls,
-    // concurrent, orphans, gvisor, plaintext), for iterating on one figure.
+    // concurrent, orphans, gvisor, plaintext, files, forward), for iterating on one figure.
     let only = args
         .iter()
         .position(|a| a == "--only")
@@ -123,6 +125,13 @@ async fn run(quick: bool, only: Option<String>) -> Vec<Row> {
         .await;
         let (_sup2, sandbox2) = plain.bound(launch).await;
         rows.push(throughput(&sandbox2, gib, "plaintext").await);
+    }
+    if want("files") {
+        rows.extend(channels::files(launch, if quick { 128 } else { 1024 }).await);
+    }
+    if want("forward") {
+        let (mib, n) = if quick { (128, 50) } else { (512, 200) };
+        rows.extend(channels::forward(launch, mib, n).await);
     }
     rows
 }
