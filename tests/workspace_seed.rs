@@ -9,42 +9,6 @@ use common::workspace::*;
 use common::*;
 use std::time::Duration;
 
-/// A ustar header block for a raw entry (the `tar` crate refuses to write hostile ones).
-fn tar_header(name: &str, typeflag: u8, size: usize, link: &str, mode: u32) -> [u8; 512] {
-    let mut h = [0u8; 512];
-    let put = |h: &mut [u8; 512], at: usize, v: &[u8]| h[at..at + v.len()].copy_from_slice(v);
-    put(&mut h, 0, name.as_bytes());
-    put(&mut h, 100, format!("{mode:07o}\0").as_bytes());
-    put(&mut h, 108, b"0000000\0");
-    put(&mut h, 116, b"0000000\0");
-    put(&mut h, 124, format!("{size:011o}\0").as_bytes());
-    put(&mut h, 136, b"00000000000\0");
-    put(&mut h, 148, b"        ");
-    h[156] = typeflag;
-    put(&mut h, 157, link.as_bytes());
-    put(&mut h, 257, b"ustar\0");
-    put(&mut h, 263, b"00");
-    if typeflag == b'3' {
-        put(&mut h, 329, b"0000001\0");
-        put(&mut h, 337, b"0000003\0");
-    }
-    let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
-    put(&mut h, 148, format!("{sum:06o}\0 ").as_bytes());
-    h
-}
-
-fn tar(entries: &[(&str, u8, &[u8], &str)]) -> Vec<u8> {
-    let mut out = vec![];
-    for (name, ty, data, link) in entries {
-        let mode = if *ty == b'5' { 0o755 } else { 0o644 };
-        out.extend_from_slice(&tar_header(name, *ty, data.len(), link, mode));
-        out.extend_from_slice(data);
-        out.resize(out.len().div_ceil(512) * 512, 0);
-    }
-    out.resize(out.len() + 1024, 0);
-    out
-}
-
 /// Hostile seed archives (`../`, absolute, a symlink then a file written through it, a
 /// device node; plain, gzip and zstd): seeding fails with an error naming the entry, the
 /// supervisor exits 70 before registering, and nothing is written outside staging.
