@@ -9,15 +9,9 @@ pub(super) async fn serve_extract(
     req: proto::ExtractArchive,
     opener: &Opener,
 ) -> Outcome {
-    let Some((tx, call)) = open_stream(opener) else {
+    let Some((tx, call)) = open_stream(opener, id, 0).await else {
         return Outcome::Interrupted;
     };
-    let _ = tx
-        .send(up(file_up::Msg::Attach(proto::FileAttach {
-            transfer_id: id.to_owned(),
-            offset: 0,
-        })))
-        .await;
     let mut down = match call.await {
         Ok(r) => r.into_inner(),
         Err(_) => return Outcome::Interrupted,
@@ -89,15 +83,9 @@ pub(super) async fn serve_archive(
     req: proto::ArchiveDir,
     opener: &Opener,
 ) -> Outcome {
-    let Some((tx, call)) = open_stream(opener) else {
+    let Some((tx, call)) = open_stream(opener, id, 0).await else {
         return Outcome::Interrupted;
     };
-    let _ = tx
-        .send(up(file_up::Msg::Attach(proto::FileAttach {
-            transfer_id: id.to_owned(),
-            offset: 0,
-        })))
-        .await;
     let (cancel_tx, mut cancel_rx) = tokio::sync::oneshot::channel::<DownEnd>();
     let receiver = tokio::spawn(async move {
         let end = match call.await {

@@ -357,8 +357,11 @@ enum Outcome {
 /// Opens the File stream with `first` frames queued; returns the sender and the call.
 type DownCall = Result<tonic::Response<tonic::Streaming<proto::FileDown>>, tonic::Status>;
 
-fn open_stream(
+/// Opens the File stream for `id` with its `FileAttach{offset}` queued as the first frame.
+async fn open_stream(
     opener: &Opener,
+    id: &str,
+    offset: u64,
 ) -> Option<(
     mpsc::Sender<FileUp>,
     impl std::future::Future<Output = DownCall>,
@@ -366,6 +369,11 @@ fn open_stream(
     let (tx, rx) = mpsc::channel::<FileUp>(8);
     let req = crate::relay::authed(ReceiverStream::new(rx), &opener.creds.token()).ok()?;
     let mut grpc = crate::relay::channel::client(opener.channel.clone());
+    let attach = up(file_up::Msg::Attach(proto::FileAttach {
+        transfer_id: id.to_owned(),
+        offset,
+    }));
+    let _ = tx.send(attach).await;
     Some((tx, async move { grpc.file(req).await }))
 }
 
@@ -384,14 +392,9 @@ async fn simple(
     result: Result<proto::FileResult, FileError>,
     opener: &Opener,
 ) -> Outcome {
-    let Some((tx, call)) = open_stream(opener) else {
+    let Some((tx, call)) = open_stream(opener, id, 0).await else {
         return Outcome::Interrupted;
     };
-    let attach = up(file_up::Msg::Attach(proto::FileAttach {
-        transfer_id: id.to_owned(),
-        offset: 0,
-    }));
-    let _ = tx.send(attach).await;
     let last = match &result {
         Ok(r) => up(file_up::Msg::Result(r.clone())),
         Err(e) => error_frame(e),

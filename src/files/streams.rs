@@ -21,15 +21,9 @@ pub(super) async fn serve_read(
         Ok(s) => s,
         Err(e) => return simple(inner, id, Err(e), opener).await,
     };
-    let Some((tx, call)) = open_stream(opener) else {
+    let Some((tx, call)) = open_stream(opener, id, req.offset).await else {
         return Outcome::Interrupted;
     };
-    let _ = tx
-        .send(up(file_up::Msg::Attach(proto::FileAttach {
-            transfer_id: id.to_owned(),
-            offset: req.offset,
-        })))
-        .await;
     let (cancel_tx, mut cancel_rx) = tokio::sync::oneshot::channel::<DownEnd>();
     let receiver = tokio::spawn(async move {
         match call.await {
@@ -254,16 +248,10 @@ pub(super) async fn serve_write(
     if let Some(r) = done {
         return simple(inner, id, Ok(r), opener).await;
     }
-    let Some((tx, call)) = open_stream(opener) else {
+    let Some((tx, call)) = open_stream(opener, id, offset).await else {
         arm_expiry(inner, id, &u);
         return Outcome::Interrupted;
     };
-    let _ = tx
-        .send(up(file_up::Msg::Attach(proto::FileAttach {
-            transfer_id: id.to_owned(),
-            offset,
-        })))
-        .await;
     let mut down = match call.await {
         Ok(r) => r.into_inner(),
         Err(s) => {
