@@ -39,6 +39,9 @@ pub(crate) use worker::FsIdentity;
 
 /// Largest `FileData` frame sent up.
 const READ_FRAME: usize = 256 * 1024;
+/// What one worker job reads of a file: a few frames, so the hop to the worker thread
+/// and back is paid per MiB, not per frame.
+const READ_CHUNK: usize = 1 << 20;
 /// A `FileAck` at least every this many accepted bytes.
 const ACK_EVERY: u64 = 4 << 20;
 /// Worker threads of the pool (fixed at bind time). An archive upload or download holds

@@ -17,7 +17,7 @@ pub(super) async fn serve_read(
         .run(move || transfer::begin_read(&roots, &r2))
         .await
         .and_then(|r| r);
-    let mut state = match prepared {
+    let state = match prepared {
         Ok(s) => s,
         Err(e) => return simple(inner, id, Err(e), opener).await,
     };
@@ -45,22 +45,26 @@ pub(super) async fn serve_read(
     });
     let _abort_receiver = AbortOnDrop(receiver.abort_handle());
     let mut sent = 0u64;
+    // One chunk is read ahead: the worker reads the next while this task sends the last.
+    let read_ahead = |state: transfer::ReadState| {
+        inner.worker.submit(move || {
+            let start = state.pos;
+            let mut state = state;
+            let chunk = state.next(READ_CHUNK);
+            (state, start, chunk)
+        })
+    };
+    let mut next = read_ahead(state);
     let result: Result<proto::FileResult, FileError> = loop {
-        let pos = state.pos;
-        let job = inner.worker.run(move || {
-            let chunk = state.next(READ_FRAME);
-            (state, chunk)
-        });
-        let (s, chunk) = tokio::select! {
-            r = job => match r {
+        let (state, pos, chunk) = tokio::select! {
+            r = next => match r {
                 Ok(v) => v,
                 Err(e) => break Err(e),
             },
             end = &mut cancel_rx => return read_ended(id, end),
         };
-        state = s;
         let chunk = match chunk {
-            Ok(c) => c,
+            Ok(c) => bytes::Bytes::from(c),
             Err(e) => break Err(e),
         };
         if chunk.is_empty() {
@@ -86,18 +90,24 @@ pub(super) async fn serve_read(
                 Err(e) => break Err(e),
             }
         }
+        next = read_ahead(state);
         sent += chunk.len() as u64;
         inner
             .telemetry
             .metrics
             .file_bytes("down", chunk.len() as u64);
-        let frame = up(file_up::Msg::Data(proto::FileData {
-            offset: pos,
-            data: chunk.into(),
-        }));
-        tokio::select! {
-            r = tx.send(frame) => if r.is_err() { return Outcome::Interrupted },
-            end = &mut cancel_rx => return read_ended(id, end),
+        let mut at = 0;
+        while at < chunk.len() {
+            let end = (at + READ_FRAME).min(chunk.len());
+            let frame = up(file_up::Msg::Data(proto::FileData {
+                offset: pos + at as u64,
+                data: chunk.slice(at..end),
+            }));
+            at = end;
+            tokio::select! {
+                r = tx.send(frame) => if r.is_err() { return Outcome::Interrupted },
+                end = &mut cancel_rx => return read_ended(id, end),
+            }
         }
     };
     let last = match &result {

@@ -69,12 +69,25 @@ impl Worker {
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, super::FileError> {
+        self.submit(f).await
+    }
+
+    /// Queues `f` now (not when the result is first polled), so a caller can have the
+    /// next job running while it works on the last result: a read's next chunk comes
+    /// off the disk while the previous one is on the wire.
+    pub(crate) fn submit<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> impl std::future::Future<Output = Result<T, super::FileError>> {
         let (tx, rx) = oneshot::channel();
         let job: Job = Box::new(move || {
             let _ = tx.send(f());
         });
-        self.tx.send(job).map_err(|_| gone())?;
-        rx.await.map_err(|_| gone())
+        let queued = self.tx.send(job).map_err(|_| gone());
+        async move {
+            queued?;
+            rx.await.map_err(|_| gone())
+        }
     }
 }
 

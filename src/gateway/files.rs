@@ -266,65 +266,79 @@ impl Sandbox {
         }
     }
 
-    /// Reads the whole file at `path`; resumes across relay drops from the bytes it
-    /// holds and verifies the SHA-256 the supervisor computed over the whole file.
+    /// Reads the whole file at `path` into memory; see [`Sandbox::read_file_to`].
     pub async fn read_file(&self, path: &str) -> Result<Vec<u8>, ExecError> {
-        let mut have: Vec<u8> = Vec::new();
+        let mut bytes = Vec::new();
+        self.read_file_to(path, &mut bytes).await?;
+        Ok(bytes)
+    }
+
+    /// Streams the file at `path` into `sink` as frames arrive (nothing is held here:
+    /// a download of any size into a local file costs a frame of memory). Resumes
+    /// across relay drops from the bytes already written, and verifies the SHA-256 the
+    /// supervisor computed over the whole file; on a mismatch the sink holds bytes that
+    /// must be thrown away. `sink` is written from the runtime: a local file or memory,
+    /// not something that blocks for long. Returns the bytes written.
+    pub async fn read_file_to(
+        &self,
+        path: &str,
+        sink: &mut impl std::io::Write,
+    ) -> Result<u64, ExecError> {
         let what = format!("read {path}");
-        let mut sha = String::new();
-        {
-            let have = &mut have;
-            let sha = &mut sha;
-            let mut since = Instant::now();
-            loop {
-                if since.elapsed() > RESUME_FOR {
-                    return Err(err(
-                        ErrorCode::Unavailable,
-                        format!("{what}: gave up after {RESUME_FOR:?} of relay trouble"),
-                    ));
-                }
-                let mut got = Vec::new();
-                let r = self
-                    .read_attempt_into(path, have.len() as u64, &mut got)
-                    .await;
-                let progressed = !got.is_empty();
-                have.extend_from_slice(&got);
-                match r {
-                    Ok(Attempt::Done(Ok(digest))) => {
-                        *sha = digest;
-                        break;
-                    }
-                    Ok(Attempt::Done(Err(e))) => return Err(e),
-                    Ok(Attempt::Retry(_)) => {
-                        if progressed {
-                            since = Instant::now();
-                        }
-                    }
-                    Err(e) if e.code == ErrorCode::Unavailable => {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                    Err(e) => return Err(e),
-                }
+        // Hashed as frames arrive, so the check at the end costs no second pass.
+        let mut got = Received {
+            written: 0,
+            hasher: Sha256::new(),
+            sink,
+        };
+        let mut since = Instant::now();
+        let sha = loop {
+            if since.elapsed() > RESUME_FOR {
+                return Err(err(
+                    ErrorCode::Unavailable,
+                    format!("{what}: gave up after {RESUME_FOR:?} of relay trouble"),
+                ));
             }
-        }
-        let local = hex::encode(Sha256::digest(&have));
+            let before = got.written;
+            let r = self.read_attempt_into(path, &mut got).await;
+            let progressed = got.written > before;
+            match r {
+                Ok(Attempt::Done(Ok(digest))) => break digest,
+                Ok(Attempt::Done(Err(e))) => return Err(e),
+                Ok(Attempt::Retry(_)) => {
+                    if progressed {
+                        since = Instant::now();
+                    }
+                }
+                Err(e) if e.code == ErrorCode::Unavailable => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let local = hex::encode(got.hasher.finalize());
         if local != sha {
             return Err(err(
                 ErrorCode::Internal,
                 format!(
                     "{what}: received {} bytes with SHA-256 {local}, the supervisor reports {sha}",
-                    have.len()
+                    got.written
                 ),
             ));
         }
-        Ok(have)
+        got.sink.flush().map_err(|e| {
+            err(
+                ErrorCode::Internal,
+                format!("{what}: flushing the local copy: {e}"),
+            )
+        })?;
+        Ok(got.written)
     }
 
     async fn read_attempt_into(
         &self,
         path: &str,
-        offset: u64,
-        got: &mut Vec<u8>,
+        got: &mut Received<'_, impl std::io::Write>,
     ) -> Result<Attempt<String>, ExecError> {
         let id = short_id("r");
         let (mut opened, attach) = self
@@ -332,7 +346,7 @@ impl Sandbox {
                 &id,
                 Op::Read(proto::ReadFile {
                     path: path.into(),
-                    offset,
+                    offset: got.written,
                     length: 0,
                 }),
             )
@@ -343,17 +357,27 @@ impl Sandbox {
                 Ok(Some(FileUp {
                     msg: Some(file_up::Msg::Data(d)),
                 })) => {
-                    if d.offset != pos {
+                    if d.offset != pos || pos != got.written {
                         return Ok(Attempt::Done(Err(err(
                             ErrorCode::Internal,
                             format!(
-                                "read {path}: data at offset {} where {pos} was expected",
-                                d.offset
+                                "read {path}: data at offset {} where {} was expected",
+                                d.offset, got.written
                             ),
                         ))));
                     }
                     pos += d.data.len() as u64;
-                    got.extend_from_slice(&d.data);
+                    if let Err(e) = got.sink.write_all(&d.data) {
+                        return Ok(Attempt::Done(Err(err(
+                            ErrorCode::Internal,
+                            format!(
+                                "read {path}: writing the local copy at byte {}: {e}",
+                                got.written
+                            ),
+                        ))));
+                    }
+                    got.hasher.update(&d.data);
+                    got.written += d.data.len() as u64;
                 }
                 Ok(Some(FileUp {
                     msg: Some(file_up::Msg::Result(r)),
@@ -470,4 +494,11 @@ impl Sandbox {
             }
         }
     }
+}
+
+/// Where a download stands: bytes written to the sink and their running digest.
+struct Received<'a, W> {
+    written: u64,
+    hasher: Sha256,
+    sink: &'a mut W,
 }

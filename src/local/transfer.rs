@@ -83,23 +83,38 @@ pub(super) async fn download(sandbox: &Sandbox, t: &LocalTransfer) -> anyhow::Re
             );
         }
         proto::FileType::File => {
-            let data = sandbox
-                .read_file(&t.remote)
-                .await
-                .map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
             if let Some(parent) = t.local.parent().filter(|p| !p.as_os_str().is_empty()) {
                 std::fs::create_dir_all(parent)
                     .with_context(|| format!("{what}: creating {}", parent.display()))?;
             }
-            std::fs::write(&t.local, &data)
-                .with_context(|| format!("{what}: writing {}", t.local.display()))?;
+            // Streamed into a temporary file beside the destination and renamed into
+            // place once verified: no size is held in memory, and a failed download
+            // leaves no partial file where the real one should be.
+            let mut part = t.local.clone().into_os_string();
+            part.push(".part");
+            let part = std::path::PathBuf::from(part);
+            let mut file = std::io::BufWriter::with_capacity(
+                1 << 20,
+                std::fs::File::create(&part)
+                    .with_context(|| format!("{what}: creating {}", part.display()))?,
+            );
+            let written = match sandbox.read_file_to(&t.remote, &mut file).await {
+                Ok(n) => n,
+                Err(e) => {
+                    drop(file);
+                    let _ = std::fs::remove_file(&part);
+                    bail!("{what}: {e}");
+                }
+            };
+            drop(file);
             let mode = info.mode & 0o777;
-            std::fs::set_permissions(&t.local, std::fs::Permissions::from_mode(mode))?;
+            std::fs::set_permissions(&part, std::fs::Permissions::from_mode(mode))?;
+            std::fs::rename(&part, &t.local)
+                .with_context(|| format!("{what}: renaming into {}", t.local.display()))?;
             eprintln!(
-                "local: downloaded {} -> {} ({} bytes)",
+                "local: downloaded {} -> {} ({written} bytes)",
                 t.remote,
                 t.local.display(),
-                data.len()
             );
         }
         _ => bail!("{what}: only a regular file or a directory can be downloaded"),

@@ -283,7 +283,17 @@ async fn pump_up(
         if buf.capacity() < MIN_READ {
             buf.reserve(CHUNK);
         }
-        let n = rd.read_buf(&mut buf).await.map_err(UpError::Read)?;
+        let mut n = rd.read_buf(&mut buf).await.map_err(UpError::Read)?;
+        // And what else the socket already holds, up to a frame: one frame (and one
+        // wake-up down the relay) per frame's worth of a fast server's bytes.
+        while n > 0 && buf.len() < CHUNK {
+            match rd.try_read_buf(&mut buf) {
+                Ok(0) => break,
+                Ok(m) => n += m,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(UpError::Read(e)),
+            }
+        }
         let frame = if n == 0 {
             up(forward_up::Msg::Eof(proto::ForwardEof {}))
         } else {
