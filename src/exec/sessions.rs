@@ -13,7 +13,7 @@ use super::output::{OutputBudget, OutputBuffer};
 use super::pumps::{pump, stdin_writer, Stream};
 use super::session::{enforce_timeout, finish, valid_size, Session};
 use super::spawn::{self, Credentials, Hardening, Io};
-use super::spawner::{self, Spawner};
+use super::spawner::Spawner;
 use super::spec::{self, ExecPolicy};
 use super::ExecError;
 use crate::pid1::Reaper;
@@ -215,32 +215,31 @@ impl Sessions {
         spec: &proto::ExecSpec,
         io: Io,
     ) -> Result<Arc<Session>, ExecError> {
-        // On the spawner thread: it checks paths with the session user's file-system
-        // identity for a moment, which must not be a runtime worker's.
+        // On the spawner thread, in the same job as the clone: it checks paths with the
+        // session user's file-system identity for a moment, which must not be a
+        // runtime worker's.
         let (req, policy) = (spec.clone(), self.inner.cfg.policy.clone());
-        let resolved = self
-            .inner
-            .spawner
-            .call(move || spec::resolve(&req, &policy))
-            .await
-            .ok_or_else(|| spawner::gone(spec.argv.first().cloned().unwrap_or_default()))??;
         let is_tty = matches!(io, Io::Pty { .. });
         let n = self.inner.opened.fetch_add(1, Ordering::Relaxed);
         let marker = MARKER_BASE.checked_add(n + 1);
-        let creds = resolved.switch_user.then_some(Credentials {
-            uid: resolved.user.uid,
-            gid: resolved.user.gid,
-            marker,
-        });
-        let spawned = spawn::spawn(
-            &resolved,
+        let creds_for = move |resolved: &spec::Resolved| {
+            resolved.switch_user.then_some(Credentials {
+                uid: resolved.user.uid,
+                gid: resolved.user.gid,
+                marker,
+            })
+        };
+        let (resolved, spawned) = spawn::spawn(
+            move || spec::resolve(&req, &policy),
+            creds_for,
             io,
-            creds,
             &self.inner.cfg.hardening,
             &self.inner.reaper,
             &self.inner.spawner,
+            spec.argv.first().map_or("", String::as_str),
         )
         .await?;
+        let creds = creds_for(&resolved);
         let cap = self.inner.cfg.buffer_capacity;
         let (stdin_tx, stdin_rx) = mpsc::channel(64);
         let has_stdin = spawned.stdin.is_some();

@@ -100,13 +100,174 @@ pub struct Hardening {
 }
 
 pub async fn spawn(
-    r: &Resolved,
+    resolve: impl FnOnce() -> Result<Resolved, ExecError> + Send + 'static,
+    creds_for: impl FnOnce(&Resolved) -> Option<Credentials> + Send + 'static,
     io: Io,
-    creds: Option<Credentials>,
     hardening: &Hardening,
     reaper: &Reaper,
     spawner: &Spawner,
-) -> Result<Spawned, ExecError> {
+    program_hint: &str,
+) -> Result<(Resolved, Spawned), ExecError> {
+    let max_processes = hardening.max_processes;
+    let hardening = hardening.clone();
+    let started_at = Instant::now();
+    let pending = reaper.begin_spawn();
+    // One job on the spawner thread resolves the request (path checks as the session
+    // user), prepares the descriptors and clones: each hop to that thread and back is
+    // two wake-ups, on the critical path of every exec. Everything the child reads is
+    // made there and lives there until the clone returns.
+    let outcome = spawner
+        .run(pending.clone(), move |cell: &PendingSpawn| {
+            let r = resolve()?;
+            let creds = creds_for(&r);
+            let p = prepare(&r, io, &hardening)?;
+            let (argv_ptrs, envp_ptrs) = (child::pointers(&p.argv), child::pointers(&p.envp));
+            let plan = child::ChildPlan {
+                program: &p.program,
+                argv: &argv_ptrs,
+                envp: &envp_ptrs,
+                stdio: [
+                    p.child_stdio[0].as_fd(),
+                    p.child_stdio[1].as_fd(),
+                    p.child_stdio[2].as_fd(),
+                ],
+                is_pty: p.is_pty,
+                creds,
+                cwd: &p.cwd,
+                nofile_soft: p.nofile_soft,
+                max_processes: p.max_processes,
+                oom_score_adj: p.oom_score_adj.as_deref(),
+                child_pid: &cell.child_pid,
+            };
+            let result = child::start(&plan);
+            let Prepared {
+                stdin,
+                stdout,
+                stderr,
+                child_stdio,
+                ..
+            } = p;
+            // The child's ends close here, so EOF is seen once the child and its heirs
+            // exit.
+            drop(child_stdio);
+            Ok(Started {
+                resolved: r,
+                stdin,
+                stdout,
+                stderr,
+                result,
+            })
+        })
+        .await;
+    let (job, timed_out) = match outcome {
+        Outcome::Finished(r) => (r, false),
+        Outcome::TimedOut(r) => (r, true),
+        Outcome::Gone => {
+            reaper.end_spawn(&pending, None, |_| ());
+            return Err(super::spawner::gone(program_hint.to_owned()));
+        }
+    };
+    let Started {
+        resolved: r,
+        stdin,
+        stdout,
+        stderr,
+        result,
+    } = match job {
+        Ok(started) => started,
+        Err(e) => {
+            // Refused before any clone: no child exists.
+            reaper.end_spawn(&pending, None, |_| ());
+            return Err(e);
+        }
+    };
+    let spawn_error = |source: std::io::Error| ExecError::Spawn {
+        program: r.argv[0].to_string_lossy().into(),
+        source,
+    };
+    let pid = match &result {
+        Ok(pid) => Some(*pid),
+        Err((child::Step::Clone, _)) => None,
+        Err(_) => Some(pending.child_pid.load(Ordering::SeqCst) as u32).filter(|&p| p > 0),
+    };
+    // Read while the reaper is locked out: the process (or its zombie) still exists.
+    let watched = reaper.end_spawn(&pending, pid, |pid| {
+        super::kill::start_time(pid).unwrap_or(0)
+    });
+    if timed_out {
+        return Err(ExecError::SpawnTimeout {
+            program: r.argv[0].to_string_lossy().into(),
+            bound: spawner.bound,
+        });
+    }
+    let pid = result.map_err(|(step, errno)| {
+        // The errno stays the error's OS code: it picks the protocol code.
+        let source = std::io::Error::from_raw_os_error(errno as i32);
+        let step = match step {
+            // Like runc and Go's os/exec (and unlike execvp), a file without `#!` is
+            // not handed to /bin/sh: say how to run it instead.
+            child::Step::Exec if errno == nix::errno::Errno::ENOEXEC => {
+                "execve (not a binary for this machine and no '#!' line: add one, or run it as [\"/bin/sh\", \"<file>\"])".to_string()
+            }
+            // setuid marked the user over its RLIMIT_NPROC; execve refuses then.
+            child::Step::Exec if errno == nix::errno::Errno::EAGAIN && max_processes > 0 => {
+                return ExecError::TooManyProcesses {
+                    program: r.argv[0].to_string_lossy().into(),
+                    limit: max_processes,
+                };
+            }
+            child::Step::Exec => return spawn_error(source),
+            child::Step::WorkingDirectory => {
+                format!("{} '{}'", step.describe(), r.cwd.display())
+            }
+            _ => step.describe().to_string(),
+        };
+        ExecError::SpawnStep {
+            program: r.argv[0].to_string_lossy().into(),
+            step,
+            source,
+        }
+    })?;
+    let (exit, start_time) = watched.expect("a started child has a pid");
+    let spawned = Spawned {
+        pid,
+        stdin,
+        stdout,
+        stderr,
+        exit,
+        started_at,
+        start_time: start_time.unwrap_or(0),
+    };
+    Ok((r, spawned))
+}
+
+/// What the spawner job makes from a resolved request before the clone.
+struct Prepared {
+    program: CString,
+    cwd: CString,
+    argv: Vec<CString>,
+    envp: Vec<CString>,
+    is_pty: bool,
+    /// The child's stdin, stdout and stderr, above the stdio numbers.
+    child_stdio: [OwnedFd; 3],
+    stdin: Option<OwnedFd>,
+    stdout: OwnedFd,
+    stderr: Option<OwnedFd>,
+    nofile_soft: u64,
+    max_processes: u64,
+    oom_score_adj: Option<Vec<u8>>,
+}
+
+/// What the spawner job hands back: the parent's ends and how the start went.
+struct Started {
+    resolved: Resolved,
+    stdin: Option<OwnedFd>,
+    stdout: OwnedFd,
+    stderr: Option<OwnedFd>,
+    result: Result<u32, (child::Step, nix::errno::Errno)>,
+}
+
+fn prepare(r: &Resolved, io: Io, hardening: &Hardening) -> Result<Prepared, ExecError> {
     let spawn_error = |source: std::io::Error| ExecError::Spawn {
         program: r.argv[0].to_string_lossy().into(),
         source,
@@ -197,101 +358,20 @@ pub async fn spawn(
     let [a, b, c] = child_stdio;
     let raise = |fd| child::above_stdio(fd).map_err(setup("stdio descriptors"));
     let child_stdio = [raise(a)?, raise(b)?, raise(c)?];
-    let nofile_soft = ORIGINAL_NOFILE_SOFT.load(Ordering::Relaxed);
-    let max_processes = hardening.max_processes;
-    let oom_score_adj = hardening.oom_score_adj.map(|v| v.to_string().into_bytes());
 
-    let started_at = Instant::now();
-    let pending = reaper.begin_spawn();
-    // Everything the child reads moves to the spawner thread and lives there until
-    // the clone returns; the raw pointers are made there too.
-    let outcome = spawner
-        .run(pending.clone(), move |cell: &PendingSpawn| {
-            let (argv_ptrs, envp_ptrs) = (child::pointers(&argv), child::pointers(&envp));
-            let plan = child::ChildPlan {
-                program: &program,
-                argv: &argv_ptrs,
-                envp: &envp_ptrs,
-                stdio: [
-                    child_stdio[0].as_fd(),
-                    child_stdio[1].as_fd(),
-                    child_stdio[2].as_fd(),
-                ],
-                is_pty,
-                creds,
-                cwd: &cwd,
-                nofile_soft,
-                max_processes,
-                oom_score_adj: oom_score_adj.as_deref(),
-                child_pid: &cell.child_pid,
-            };
-            let result = child::start(&plan);
-            // The child's ends close here, so EOF is seen once the child and its heirs
-            // exit.
-            drop(child_stdio);
-            result
-        })
-        .await;
-    let (result, timed_out) = match outcome {
-        Outcome::Finished(r) => (r, false),
-        Outcome::TimedOut(r) => (r, true),
-        Outcome::Gone => {
-            reaper.end_spawn(&pending, None, |_| ());
-            return Err(super::spawner::gone(r.argv[0].to_string_lossy().into()));
-        }
-    };
-    let pid = match &result {
-        Ok(pid) => Some(*pid),
-        Err((child::Step::Clone, _)) => None,
-        Err(_) => Some(pending.child_pid.load(Ordering::SeqCst) as u32).filter(|&p| p > 0),
-    };
-    // Read while the reaper is locked out: the process (or its zombie) still exists.
-    let watched = reaper.end_spawn(&pending, pid, |pid| {
-        super::kill::start_time(pid).unwrap_or(0)
-    });
-    if timed_out {
-        return Err(ExecError::SpawnTimeout {
-            program: r.argv[0].to_string_lossy().into(),
-            bound: spawner.bound,
-        });
-    }
-    let pid = result.map_err(|(step, errno)| {
-        // The errno stays the error's OS code: it picks the protocol code.
-        let source = std::io::Error::from_raw_os_error(errno as i32);
-        let step = match step {
-            // Like runc and Go's os/exec (and unlike execvp), a file without `#!` is
-            // not handed to /bin/sh: say how to run it instead.
-            child::Step::Exec if errno == nix::errno::Errno::ENOEXEC => {
-                "execve (not a binary for this machine and no '#!' line: add one, or run it as [\"/bin/sh\", \"<file>\"])".to_string()
-            }
-            // setuid marked the user over its RLIMIT_NPROC; execve refuses then.
-            child::Step::Exec if errno == nix::errno::Errno::EAGAIN && max_processes > 0 => {
-                return ExecError::TooManyProcesses {
-                    program: r.argv[0].to_string_lossy().into(),
-                    limit: max_processes,
-                };
-            }
-            child::Step::Exec => return spawn_error(source),
-            child::Step::WorkingDirectory => {
-                format!("{} '{}'", step.describe(), r.cwd.display())
-            }
-            _ => step.describe().to_string(),
-        };
-        ExecError::SpawnStep {
-            program: r.argv[0].to_string_lossy().into(),
-            step,
-            source,
-        }
-    })?;
-    let (exit, start_time) = watched.expect("a started child has a pid");
-    Ok(Spawned {
-        pid,
+    Ok(Prepared {
+        program,
+        cwd,
+        argv,
+        envp,
+        is_pty,
+        child_stdio,
         stdin,
         stdout,
         stderr,
-        exit,
-        started_at,
-        start_time: start_time.unwrap_or(0),
+        nofile_soft: ORIGINAL_NOFILE_SOFT.load(Ordering::Relaxed),
+        max_processes: hardening.max_processes,
+        oom_score_adj: hardening.oom_score_adj.map(|v| v.to_string().into_bytes()),
     })
 }
 
