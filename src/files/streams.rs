@@ -46,10 +46,9 @@ pub(super) async fn serve_read(
     let _abort_receiver = AbortOnDrop(receiver.abort_handle());
     let mut sent = 0u64;
     // One chunk is read ahead: the worker reads the next while this task sends the last.
-    let read_ahead = |state: transfer::ReadState| {
+    let read_ahead = |mut state: transfer::ReadState| {
         inner.worker.submit(move || {
             let start = state.pos;
-            let mut state = state;
             let chunk = state.next(READ_CHUNK);
             (state, start, chunk)
         })

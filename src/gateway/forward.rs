@@ -5,7 +5,7 @@
 
 use bytes::{Bytes, BytesMut};
 use std::sync::atomic::{AtomicU64, Ordering};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
@@ -260,28 +260,6 @@ impl Sandbox {
     }
 }
 
-/// One read, then whatever else the socket already holds, up to a frame: a fast
-/// sender then costs one frame (and one wake-up down the relay) per frame's worth of
-/// bytes rather than one per socket read.
-pub(crate) async fn read_coalesced(
-    rd: &mut tokio::net::tcp::OwnedReadHalf,
-    buf: &mut BytesMut,
-) -> std::io::Result<usize> {
-    let mut n = rd.read_buf(buf).await?;
-    if n == 0 {
-        return Ok(0);
-    }
-    while buf.len() < FORWARD_FRAME {
-        match rd.try_read_buf(buf) {
-            Ok(0) => break,
-            Ok(m) => n += m,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
-}
-
 /// Relays one local TCP connection through a forward until both directions end.
 pub async fn relay(client: TcpStream, conn: ForwardConn) {
     let (mut rd, mut wr) = client.into_split();
@@ -290,7 +268,7 @@ pub async fn relay(client: TcpStream, conn: ForwardConn) {
         let mut buf = BytesMut::new();
         loop {
             buf.reserve(FORWARD_FRAME);
-            match read_coalesced(&mut rd, &mut buf).await {
+            match crate::ports::read_coalesced(&mut rd, &mut buf, FORWARD_FRAME).await {
                 Ok(0) => {
                     let _ = writer.eof().await;
                     return;

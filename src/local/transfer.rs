@@ -93,20 +93,17 @@ pub(super) async fn download(sandbox: &Sandbox, t: &LocalTransfer) -> anyhow::Re
             let mut part = t.local.clone().into_os_string();
             part.push(".part");
             let part = std::path::PathBuf::from(part);
-            let mut file = std::io::BufWriter::with_capacity(
-                1 << 20,
-                std::fs::File::create(&part)
-                    .with_context(|| format!("{what}: creating {}", part.display()))?,
-            );
-            let written = match sandbox.read_file_to(&t.remote, &mut file).await {
+            let mut file = std::fs::File::create(&part)
+                .with_context(|| format!("{what}: creating {}", part.display()))?;
+            let result = sandbox.read_file_to(&t.remote, &mut file).await;
+            drop(file);
+            let written = match result {
                 Ok(n) => n,
                 Err(e) => {
-                    drop(file);
                     let _ = std::fs::remove_file(&part);
                     bail!("{what}: {e}");
                 }
             };
-            drop(file);
             let mode = info.mode & 0o777;
             std::fs::set_permissions(&part, std::fs::Permissions::from_mode(mode))?;
             std::fs::rename(&part, &t.local)

@@ -271,6 +271,27 @@ enum UpError {
     Read(std::io::Error),
 }
 
+/// One read, then whatever else the socket already holds, until `buf` holds `frame`
+/// bytes: a fast sender costs one frame (and one wake-up down the relay) per frame's
+/// worth of bytes rather than one per socket read. 0 only at EOF with nothing read.
+/// Both ends of a forward read this way (the gateway's side too).
+pub(crate) async fn read_coalesced(
+    rd: &mut OwnedReadHalf,
+    buf: &mut BytesMut,
+    frame: usize,
+) -> std::io::Result<usize> {
+    let mut n = rd.read_buf(buf).await?;
+    while n > 0 && buf.len() < frame {
+        match rd.try_read_buf(buf) {
+            Ok(0) => break,
+            Ok(m) => n += m,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
 /// Socket reads → `data` frames, then `ForwardEof` at the server's EOF.
 async fn pump_up(
     mut rd: OwnedReadHalf,
@@ -283,17 +304,9 @@ async fn pump_up(
         if buf.capacity() < MIN_READ {
             buf.reserve(CHUNK);
         }
-        let mut n = rd.read_buf(&mut buf).await.map_err(UpError::Read)?;
-        // And what else the socket already holds, up to a frame: one frame (and one
-        // wake-up down the relay) per frame's worth of a fast server's bytes.
-        while n > 0 && buf.len() < CHUNK {
-            match rd.try_read_buf(&mut buf) {
-                Ok(0) => break,
-                Ok(m) => n += m,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(UpError::Read(e)),
-            }
-        }
+        let n = read_coalesced(&mut rd, &mut buf, CHUNK)
+            .await
+            .map_err(UpError::Read)?;
         let frame = if n == 0 {
             up(forward_up::Msg::Eof(proto::ForwardEof {}))
         } else {

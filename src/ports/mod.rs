@@ -15,6 +15,7 @@
 mod conn;
 mod target;
 
+pub(crate) use conn::read_coalesced;
 pub use target::{parse_allow, resolve, AllowList, TargetError};
 
 use std::collections::HashMap;
