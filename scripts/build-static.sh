@@ -45,9 +45,8 @@ mkdir -p "$(dirname "$out")"
 cp "$built" "$out.tmp"
 mv -f "$out.tmp" "$out"
 
-# Hold the size (a regression fails the build). DESIGN's target is 8 MiB; the files and
-# forward channels took the binary from 7.46 to 8.29 MiB, so the enforced bound is 8.5 MiB
-# until the size is won back (BENCHMARKS.md: "not met").
-CHECK_STATIC_MAX_BYTES=${CHECK_STATIC_MAX_BYTES:-8912896} \
+# Hold the size (a regression fails the build): DESIGN's 8 MiB. (7.53 MiB once the log
+# filter stopped pulling in a regex engine; it had grown to 8.29 MiB with the channels.)
+CHECK_STATIC_MAX_BYTES=${CHECK_STATIC_MAX_BYTES:-8388608} \
     "$repo/scripts/check-static.sh" --enforce-size "$out"
 echo "built $out ($(stat -c %s "$out") bytes)"

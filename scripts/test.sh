@@ -34,6 +34,8 @@ echo "== cargo fmt --check"
 cargo fmt --check
 echo "== cargo clippy"
 cargo clippy --locked --all-targets -- -D warnings
+# The production build (scripts/build-static.sh) leaves the reference gateway out.
+cargo clippy --locked --no-default-features --bin sandbox-supervisor -- -D warnings
 # The container tests (tests/docker.rs) run the static release binary in the example
 # image. Build it here, once, so its time and size show as their own step; the tests
 # take it from SSV_STATIC_BINARY. Without a usable Docker engine they skip themselves.

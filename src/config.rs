@@ -205,7 +205,8 @@ pub struct RunConfig {
     /// Log format.
     #[arg(long, env = "SANDBOX_SUPERVISOR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto)]
     pub log_format: LogFormat,
-    /// Log filter (tracing EnvFilter syntax, e.g. "info" or "debug").
+    /// Log filter: a level ("info", "debug") or `target=level` directives separated by
+    /// commas, with an optional default level first ("info,h2=debug").
     #[arg(long, env = "SANDBOX_SUPERVISOR_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
 
