@@ -481,6 +481,8 @@ pub async fn run(
                     m.telemetry.metrics.observe_bind(activated_at.elapsed());
                     tracing::info!(event = "identity.relay_accepted", bind_us = activated_at.elapsed().as_micros() as u64, "relay accepted; serving sessions");
                     m.transition(State::Bound, "relay accepted");
+                    // Off the claim's critical path, before any workload is running.
+                    files.start_workers();
                 }
             }
             end = &mut relay_task => break match end {

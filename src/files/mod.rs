@@ -116,13 +116,13 @@ pub struct Files {
 }
 
 impl Files {
-    /// Opens the roots and starts the worker pool. A failure leaves a service that
+    /// Opens the roots; the worker pool starts later (`start_workers`). A failure leaves a service that
     /// refuses every request with the reason (the supervisor keeps serving sessions).
     pub fn new(cfg: FilesConfig, telemetry: Arc<Telemetry>) -> Self {
         let built = (|| {
             let roots = resolve::Roots::open(&cfg.workspace, &cfg.roots)?;
             let identity = cfg.identity.map(|(uid, gid)| FsIdentity { uid, gid });
-            let worker = worker::Worker::start(WORKER_THREADS, identity)?;
+            let worker = worker::Worker::new(WORKER_THREADS, identity);
             Ok::<_, String>(Arc::new(Inner {
                 cfg: cfg.clone(),
                 roots: Arc::new(roots),
@@ -135,6 +135,14 @@ impl Files {
             tracing::error!(event = "file.unavailable", error = %e, "file operations are unavailable");
         }
         Files { inner: built }
+    }
+
+    /// Starts the worker threads now rather than with the first request (the lifecycle
+    /// calls it once the relay is accepted, before any workload runs).
+    pub fn start_workers(&self) {
+        if let Ok(inner) = &self.inner {
+            inner.worker.start_once();
+        }
     }
 
     /// Serves one `OpenFile` on a stream of its own. Never blocks the control loop.

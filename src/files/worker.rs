@@ -1,12 +1,12 @@
-//! The blocking side of file operations: a small fixed pool of threads started at bind
-//! time (never a thread per request: a tenant exhausting the pids limit must not stop
-//! file operations). Each thread takes the sandbox user's identity for file system
+//! The blocking side of file operations: a small fixed pool of threads started once
+//! the relay is accepted, before any workload runs (never a thread per request: a
+//! tenant exhausting the pids limit must not stop file operations). Each thread takes the sandbox user's identity for file system
 //! checks once at start, per thread: `setgroups` by raw syscall (glibc's wrapper would
 //! change every thread of the process), then `setfsgid` and `setfsuid`. The kernel then
 //! checks the sandbox user's permissions for every file syscall these threads make.
 
 use std::sync::mpsc as std_mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use tokio::sync::oneshot;
 
 type Job = Box<dyn FnOnce() + Send + 'static>;
@@ -15,6 +15,13 @@ type Job = Box<dyn FnOnce() + Send + 'static>;
 #[derive(Clone)]
 pub(crate) struct Worker {
     tx: std_mpsc::Sender<Job>,
+    rx: Arc<Mutex<std_mpsc::Receiver<Job>>>,
+    threads: usize,
+    identity: Option<FsIdentity>,
+    /// Whether the first thread could be started (set by the first job).
+    started: Arc<OnceLock<Result<(), String>>>,
+    /// Why the pool could not take the sandbox user's identity, once it has tried.
+    failed: Arc<OnceLock<String>>,
 }
 
 /// The identity the pool takes (`None`: keep the supervisor's, when it is not root).
@@ -25,43 +32,67 @@ pub(crate) struct FsIdentity {
 }
 
 impl Worker {
-    /// Starts `threads` workers. Fails if a thread cannot start or cannot take the
-    /// identity (the pool never runs with the supervisor's root by accident).
-    pub(crate) fn start(threads: usize, identity: Option<FsIdentity>) -> Result<Worker, String> {
+    /// A pool of `threads` workers, started by `start_once` or else by the first job:
+    /// not here, since the pool is made at bind and starting four threads one by one
+    /// (a clone and a hand-shake each) cost ~0.5 ms of every claim on a 2-vCPU guest. The first thread
+    /// takes the identity and then starts the others; jobs queue until a thread has
+    /// taken it, so none ever runs with the supervisor's root. If the first thread
+    /// cannot take it (a kernel refusing `setfsuid`, as the 2022 gVisor build does), the
+    /// pool refuses every job with that reason, logged once as `file.unavailable`.
+    pub(crate) fn new(threads: usize, identity: Option<FsIdentity>) -> Worker {
         let (tx, rx) = std_mpsc::channel::<Job>();
-        let rx = Arc::new(Mutex::new(rx));
-        for i in 0..threads {
-            let rx = rx.clone();
-            let (ready_tx, ready_rx) = std_mpsc::channel();
-            std::thread::Builder::new()
-                .name(format!("ssv-files-{i}"))
-                .spawn(move || {
-                    let taken = match identity {
-                        Some(id) => take_identity(id),
-                        None => Ok(()),
-                    };
-                    let ok = taken.is_ok();
-                    let _ = ready_tx.send(taken);
-                    if !ok {
-                        return;
-                    }
-                    loop {
-                        let job = {
-                            let rx = rx.lock().unwrap_or_else(|e| e.into_inner());
-                            rx.recv()
-                        };
-                        match job {
-                            Ok(job) => job(),
-                            Err(_) => return,
+        Worker {
+            tx,
+            rx: Arc::new(Mutex::new(rx)),
+            threads,
+            identity,
+            started: Arc::new(OnceLock::new()),
+            failed: Arc::new(OnceLock::new()),
+        }
+    }
+
+    /// Starts the threads unless they were started already; the outcome is kept.
+    pub(crate) fn start_once(&self) -> &Result<(), String> {
+        self.started.get_or_init(|| {
+            let started = self.start();
+            if let Err(e) = &started {
+                tracing::error!(event = "file.unavailable", error = %e, "file operations are unavailable");
+            }
+            started
+        })
+    }
+
+    fn start(&self) -> Result<(), String> {
+        let (rx, failed) = (self.rx.clone(), self.failed.clone());
+        let (threads, identity) = (self.threads, self.identity);
+        spawn_thread(0, move || {
+            if let Some(id) = identity {
+                if let Err(e) = take_identity(id) {
+                    tracing::error!(event = "file.unavailable", error = %e, "file operations are unavailable");
+                    let _ = failed.set(e);
+                    // Dropping a job drops its reply channel: the caller gets `failed`.
+                    drain(&rx, drop);
+                    return;
+                }
+            }
+            for i in 1..threads {
+                let rx = rx.clone();
+                let started = spawn_thread(i, move || {
+                    match identity.map_or(Ok(()), take_identity) {
+                        Ok(()) => drain(&rx, |job| job()),
+                        // The first thread took it, so this is not expected; the pool
+                        // serves on with fewer threads rather than not at all.
+                        Err(e) => {
+                            tracing::warn!(event = "file.worker_failed", error = %e, "a file worker thread could not take the sandbox user's identity")
                         }
                     }
-                })
-                .map_err(|e| format!("cannot start file worker thread: {e}"))?;
-            ready_rx
-                .recv()
-                .map_err(|_| "file worker thread died at start".to_owned())??;
-        }
-        Ok(Worker { tx })
+                });
+                if let Err(e) = started {
+                    tracing::warn!(event = "file.worker_failed", error = %e, "file worker threads: fewer than planned");
+                }
+            }
+            drain(&rx, |job| job());
+        })
     }
 
     /// Runs `f` on a worker thread and waits for its result.
@@ -83,7 +114,24 @@ impl Worker {
         let job: Job = Box::new(move || {
             let _ = tx.send(f());
         });
-        let queued = self.tx.send(job).map_err(|_| gone());
+        let failed = self.failed.clone();
+        let gone = move || match failed.get() {
+            Some(why) => super::FileError::new(
+                crate::proto::ErrorCode::Unavailable,
+                format!("file operations are unavailable: {why}"),
+            ),
+            None => super::FileError::new(
+                crate::proto::ErrorCode::Unavailable,
+                "the file worker stopped; the supervisor is shutting down",
+            ),
+        };
+        let queued = match self.start_once() {
+            Ok(()) => self.tx.send(job).map_err(|_| gone()),
+            Err(e) => Err(super::FileError::new(
+                crate::proto::ErrorCode::Unavailable,
+                format!("file operations are unavailable: {e}"),
+            )),
+        };
         async move {
             queued?;
             rx.await.map_err(|_| gone())
@@ -91,11 +139,26 @@ impl Worker {
     }
 }
 
-fn gone() -> super::FileError {
-    super::FileError::new(
-        crate::proto::ErrorCode::Unavailable,
-        "the file worker stopped; the supervisor is shutting down",
-    )
+fn spawn_thread(i: usize, f: impl FnOnce() + Send + 'static) -> Result<(), String> {
+    std::thread::Builder::new()
+        .name(format!("ssv-files-{i}"))
+        .spawn(f)
+        .map(drop)
+        .map_err(|e| format!("cannot start file worker thread: {e}"))
+}
+
+/// Hands every job to `each` until the pool is dropped.
+fn drain(rx: &Mutex<std_mpsc::Receiver<Job>>, each: impl Fn(Job)) {
+    loop {
+        let job = {
+            let rx = rx.lock().unwrap_or_else(|e| e.into_inner());
+            rx.recv()
+        };
+        match job {
+            Ok(job) => each(job),
+            Err(_) => return,
+        }
+    }
 }
 
 fn take_identity(id: FsIdentity) -> Result<(), String> {

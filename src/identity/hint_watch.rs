@@ -91,6 +91,27 @@ pub struct HintWatch {
     fast: Duration,
 }
 
+impl Drop for HintWatch {
+    /// Closing an inotify fd that holds a watch waits for the kernel's fsnotify mark
+    /// reaper (an SRCU grace period: 0–20 ms on a 2-vCPU guest, measured). The watch is
+    /// dropped the moment a pushed activation wins, so closing it inline stalled a
+    /// runtime thread on the claim's critical path (pool claims at p50 2.6–10 ms instead
+    /// of 1.4, BENCHMARKS.md). Deregistered here; the close itself runs on a blocking
+    /// thread.
+    fn drop(&mut self) {
+        let Some(fd) = self.fd.take() else {
+            return;
+        };
+        let inotify = fd.into_inner();
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn_blocking(move || drop(inotify));
+            }
+            Err(_) => drop(inotify),
+        }
+    }
+}
+
 impl HintWatch {
     /// Watches the directory of `file`. Arm it *before* reading the file: a change
     /// between the read and the first wait is then still an event.
