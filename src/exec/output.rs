@@ -9,7 +9,7 @@
 //! pump stops reading, so many sessions together cannot grow the supervisor without
 //! bound while the gateway does not acknowledge.
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use tokio::sync::{Notify, Semaphore};
@@ -73,6 +73,8 @@ const MIN_BUDGET: usize = MAX_READ;
 /// gateway reads keeps moving while sessions it ignores hold the whole budget. Memory
 /// is then bounded by the budget plus this much per session.
 pub const UNBUDGETED_FLOOR: usize = 16 * 1024;
+/// `read_at` joins chunks into one frame while the first is shorter than this.
+const COALESCE_BELOW: usize = 64 * 1024;
 
 pub struct OutputBuffer {
     inner: Mutex<Inner>,
@@ -207,26 +209,51 @@ impl OutputBuffer {
         self.writable.notify_waiters();
     }
 
-    /// Up to `max` bytes starting at `offset`, without waiting.
+    /// Up to `max` bytes starting at `offset`, without waiting. Consecutive chunks are
+    /// joined into one (a copy) while the first is short: a process writing 4 KiB at a
+    /// time leaves many small chunks behind a busy stream, and every frame costs far
+    /// more on the way to the gateway than copying its bytes.
     pub fn read_at(&self, offset: u64, max: usize) -> Read {
-        let i = self.lock();
-        if offset < i.start {
-            return Read::Gone(i.start);
-        }
-        if offset >= i.end {
-            return if i.eof { Read::Eof } else { Read::Pending };
-        }
-        let mut pos = i.start;
-        for (chunk, _) in &i.chunks {
-            let chunk_end = pos + chunk.len() as u64;
-            if offset < chunk_end {
-                let from = (offset - pos) as usize;
-                let to = chunk.len().min(from + max);
-                return Read::Data(chunk.slice(from..to));
+        let mut parts: Vec<Bytes> = Vec::new();
+        let mut total = 0;
+        {
+            let i = self.lock();
+            if offset < i.start {
+                return Read::Gone(i.start);
             }
-            pos = chunk_end;
+            if offset >= i.end {
+                return if i.eof { Read::Eof } else { Read::Pending };
+            }
+            let mut pos = i.start;
+            for (chunk, _) in &i.chunks {
+                let chunk_end = pos + chunk.len() as u64;
+                if offset < chunk_end {
+                    if !parts.is_empty() && chunk.len() >= COALESCE_BELOW {
+                        break; // a long chunk goes in a frame of its own, uncopied
+                    }
+                    let from = offset.saturating_sub(pos) as usize;
+                    let to = chunk.len().min(from + (max - total));
+                    total += to - from;
+                    parts.push(chunk.slice(from..to));
+                    // A long first chunk goes as it is: no copy where none pays.
+                    if total >= max || parts[0].len() >= COALESCE_BELOW {
+                        break;
+                    }
+                }
+                pos = chunk_end;
+            }
         }
-        Read::Pending
+        match parts.len() {
+            0 => Read::Pending,
+            1 => Read::Data(parts.pop().expect("one part")),
+            _ => {
+                let mut joined = BytesMut::with_capacity(total);
+                for part in &parts {
+                    joined.extend_from_slice(part);
+                }
+                Read::Data(joined.freeze())
+            }
+        }
     }
 
     /// A future that completes on the next push or close. Enable it before checking
@@ -290,7 +317,12 @@ mod tests {
         push(b"hello");
         push(b"world");
         assert_eq!(b.space(), 0);
-        assert_eq!(b.read_at(3, 100), Read::Data(Bytes::from_static(b"lo")));
+        // Short chunks are joined into one frame, up to `max`.
+        assert_eq!(
+            b.read_at(3, 100),
+            Read::Data(Bytes::from_static(b"loworld"))
+        );
+        assert_eq!(b.read_at(3, 4), Read::Data(Bytes::from_static(b"lowo")));
         assert_eq!(b.read_at(5, 3), Read::Data(Bytes::from_static(b"wor")));
         assert_eq!(b.read_at(10, 3), Read::Pending);
         b.ack(7);
@@ -301,5 +333,25 @@ mod tests {
         assert_eq!(b.read_at(10, 1), Read::Eof);
         b.ack(1_000);
         assert_eq!(b.space(), 10);
+    }
+
+    #[test]
+    fn long_chunks_are_sent_as_they_are() {
+        let b = OutputBuffer::new(1 << 20, OutputBudget::new(0));
+        let long = Bytes::from(vec![7u8; COALESCE_BELOW]);
+        b.push_charged(Bytes::from_static(b"ab"), 0);
+        b.push_charged(long.clone(), 0);
+        b.push_charged(Bytes::from_static(b"cd"), 0);
+        // The short head alone: the long chunk after it is not copied to join it.
+        assert_eq!(
+            b.read_at(0, MAX_READ),
+            Read::Data(Bytes::from_static(b"ab"))
+        );
+        // The long one goes uncopied (same allocation), without the short tail.
+        let Read::Data(got) = b.read_at(2, MAX_READ) else {
+            panic!("data expected")
+        };
+        assert_eq!(got.as_ptr(), long.as_ptr());
+        assert_eq!(got.len(), COALESCE_BELOW);
     }
 }

@@ -46,19 +46,34 @@ pub(crate) async fn pump(fd: OwnedFd, session: Arc<Session>, which: Stream) {
             let (want, charged) = reserve(buf).await;
             let mut chunk = BytesMut::with_capacity(want);
             let res = guard.try_io(|inner| {
-                // SAFETY: read(2) writes at most `want` bytes into the spare capacity
-                // reserved above; we only extend the length by what it reports.
-                let n = unsafe {
-                    libc::read(
-                        inner.as_raw_fd(),
-                        chunk.spare_capacity_mut().as_mut_ptr().cast(),
-                        want,
-                    )
-                };
-                if n < 0 {
-                    Err(std::io::Error::last_os_error())
-                } else {
-                    Ok(n as usize)
+                // A process writing small pieces (head: 4 KiB) would otherwise make a
+                // chunk per piece: read on while the pipe has more and there is room.
+                let mut got = 0;
+                loop {
+                    // SAFETY: read(2) writes at most `want - got` bytes into the spare
+                    // capacity reserved above; we only extend the length by what it
+                    // reports.
+                    let n = unsafe {
+                        libc::read(
+                            inner.as_raw_fd(),
+                            chunk.spare_capacity_mut()[got..].as_mut_ptr().cast(),
+                            want - got,
+                        )
+                    };
+                    if n > 0 {
+                        got += n as usize;
+                        if got < want {
+                            continue;
+                        }
+                    } else if got == 0 {
+                        if n < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        return Ok(0);
+                    }
+                    // Full, or the pipe is empty (EAGAIN) or at EOF after some bytes:
+                    // deliver these; the next readiness check finds the rest.
+                    return Ok(got);
                 }
             });
             let n = match res {
