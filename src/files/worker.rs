@@ -1,9 +1,10 @@
 //! The blocking side of file operations: a small fixed pool of threads started once
 //! the relay is accepted, before any workload runs (never a thread per request: a
-//! tenant exhausting the pids limit must not stop file operations). Each thread takes the sandbox user's identity for file system
-//! checks once at start, per thread: `setgroups` by raw syscall (glibc's wrapper would
-//! change every thread of the process), then `setfsgid` and `setfsuid`. The kernel then
-//! checks the sandbox user's permissions for every file syscall these threads make.
+//! tenant exhausting the pids limit must not stop file operations). Each thread takes
+//! the sandbox user's identity for file system checks once at start, per thread:
+//! `setgroups` by raw syscall (glibc's wrapper would change every thread of the
+//! process), then `setfsgid` and `setfsuid`. The kernel then checks the sandbox user's
+//! permissions for every file syscall these threads make.
 
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -34,11 +35,12 @@ pub(crate) struct FsIdentity {
 impl Worker {
     /// A pool of `threads` workers, started by `start_once` or else by the first job:
     /// not here, since the pool is made at bind and starting four threads one by one
-    /// (a clone and a hand-shake each) cost ~0.5 ms of every claim on a 2-vCPU guest. The first thread
-    /// takes the identity and then starts the others; jobs queue until a thread has
-    /// taken it, so none ever runs with the supervisor's root. If the first thread
-    /// cannot take it (a kernel refusing `setfsuid`, as the 2022 gVisor build does), the
-    /// pool refuses every job with that reason, logged once as `file.unavailable`.
+    /// (a clone and a hand-shake each) cost ~0.5 ms of every claim on a 2-vCPU guest.
+    /// The first thread takes the identity and then starts the others; jobs queue
+    /// until a thread has taken it, so none ever runs with the supervisor's root. If
+    /// the first thread cannot take it (a kernel refusing `setfsuid`, as the 2022
+    /// gVisor build does), the pool refuses every job with that reason, logged once as
+    /// `file.unavailable`.
     pub(crate) fn new(threads: usize, identity: Option<FsIdentity>) -> Worker {
         let (tx, rx) = std_mpsc::channel::<Job>();
         Worker {
@@ -116,10 +118,7 @@ impl Worker {
         });
         let failed = self.failed.clone();
         let gone = move || match failed.get() {
-            Some(why) => super::FileError::new(
-                crate::proto::ErrorCode::Unavailable,
-                format!("file operations are unavailable: {why}"),
-            ),
+            Some(why) => unavailable(why),
             None => super::FileError::new(
                 crate::proto::ErrorCode::Unavailable,
                 "the file worker stopped; the supervisor is shutting down",
@@ -127,16 +126,20 @@ impl Worker {
         };
         let queued = match self.start_once() {
             Ok(()) => self.tx.send(job).map_err(|_| gone()),
-            Err(e) => Err(super::FileError::new(
-                crate::proto::ErrorCode::Unavailable,
-                format!("file operations are unavailable: {e}"),
-            )),
+            Err(e) => Err(unavailable(e)),
         };
         async move {
             queued?;
             rx.await.map_err(|_| gone())
         }
     }
+}
+
+fn unavailable(why: &str) -> super::FileError {
+    super::FileError::new(
+        crate::proto::ErrorCode::Unavailable,
+        format!("file operations are unavailable: {why}"),
+    )
 }
 
 fn spawn_thread(i: usize, f: impl FnOnce() + Send + 'static) -> Result<(), String> {
