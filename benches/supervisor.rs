@@ -257,6 +257,25 @@ async fn exec_rtt(sandbox: &sandbox_supervisor::gateway::Sandbox, n: usize) -> R
     }
 }
 
+/// Seconds for one session to stream `bytes` zeros of stdout to the gateway, checked.
+async fn stream_zeros(sandbox: &sandbox_supervisor::gateway::Sandbox, bytes: u64) -> f64 {
+    let t = Instant::now();
+    let mut exec = sandbox
+        .exec(spec(&["head", "-c", &bytes.to_string(), "/dev/zero"]))
+        .await
+        .unwrap();
+    let mut got = 0u64;
+    while let Some(ev) = exec.next().await {
+        match ev {
+            sandbox_supervisor::gateway::ExecEvent::Stdout(b) => got += b.len() as u64,
+            sandbox_supervisor::gateway::ExecEvent::Stderr(_) => {}
+            sandbox_supervisor::gateway::ExecEvent::Exited(_) => break,
+        }
+    }
+    assert_eq!(got, bytes);
+    t.elapsed().as_secs_f64()
+}
+
 /// One session streaming `mib` MiB of stdout vs a local pipe of the same bytes:
 /// alternated rounds, medians of each. (One round each swung 3× here: whether the two
 /// ends of a pipe share a vCPU decides much of it, for the baseline as for us.)
@@ -265,21 +284,7 @@ async fn throughput(sandbox: &sandbox_supervisor::gateway::Sandbox, mib: u64, la
     let rounds = if mib >= 512 { 5 } else { 1 };
     let (mut ours, mut base) = (vec![], vec![]);
     for _ in 0..rounds {
-        let t = Instant::now();
-        let mut exec = sandbox
-            .exec(spec(&["head", "-c", &bytes.to_string(), "/dev/zero"]))
-            .await
-            .unwrap();
-        let mut got = 0u64;
-        while let Some(ev) = exec.next().await {
-            match ev {
-                sandbox_supervisor::gateway::ExecEvent::Stdout(b) => got += b.len() as u64,
-                sandbox_supervisor::gateway::ExecEvent::Stderr(_) => {}
-                sandbox_supervisor::gateway::ExecEvent::Exited(_) => break,
-            }
-        }
-        ours.push(got as f64 / t.elapsed().as_secs_f64());
-        assert_eq!(got, bytes);
+        ours.push(bytes as f64 / stream_zeros(sandbox, bytes).await);
         let t = Instant::now();
         let st = Command::new("sh")
             .args([
@@ -494,21 +499,7 @@ async fn gvisor(quick: bool) -> Vec<Row> {
         verdict: "-",
     };
 
-    let t = Instant::now();
-    let mut exec = sandbox
-        .exec(spec(&["head", "-c", &bytes.to_string(), "/dev/zero"]))
-        .await
-        .unwrap();
-    let mut got = 0u64;
-    while let Some(ev) = exec.next().await {
-        match ev {
-            sandbox_supervisor::gateway::ExecEvent::Stdout(b) => got += b.len() as u64,
-            sandbox_supervisor::gateway::ExecEvent::Stderr(_) => {}
-            sandbox_supervisor::gateway::ExecEvent::Exited(_) => break,
-        }
-    }
-    assert_eq!(got, bytes);
-    let ours = got as f64 / t.elapsed().as_secs_f64();
+    let ours = bytes as f64 / stream_zeros(&sandbox, bytes).await;
     let base = bytes as f64 / pipe_s;
     let gibs = |v: f64| format!("{:.2} GiB/s", v / (1u64 << 30) as f64);
     let stdout_row = Row {

@@ -116,8 +116,9 @@ pub struct Files {
 }
 
 impl Files {
-    /// Opens the roots; the worker pool starts later (`start_workers`). A failure leaves a service that
-    /// refuses every request with the reason (the supervisor keeps serving sessions).
+    /// Opens the roots; the worker pool starts later (`start_workers`). A failure
+    /// leaves a service that refuses every request with the reason (the supervisor
+    /// keeps serving sessions).
     pub fn new(cfg: FilesConfig, telemetry: Arc<Telemetry>) -> Self {
         let built = (|| {
             let roots = resolve::Roots::open(&cfg.workspace, &cfg.roots)?;

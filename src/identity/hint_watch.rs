@@ -93,7 +93,7 @@ pub struct HintWatch {
 
 impl Drop for HintWatch {
     /// Closing an inotify fd that holds a watch waits for the kernel's fsnotify mark
-    /// reaper (an SRCU grace period: 0–20 ms on a 2-vCPU guest, measured). The watch is
+    /// reaper (an SRCU grace period: up to ~15 ms on a 2-vCPU guest, measured). The watch is
     /// dropped the moment a pushed activation wins, so closing it inline stalled a
     /// runtime thread on the claim's critical path (pool claims at p50 2.6–10 ms instead
     /// of 1.4, BENCHMARKS.md). Deregistered here; the close itself runs on a blocking
