@@ -65,15 +65,13 @@ pub(crate) async fn pump(fd: OwnedFd, session: Arc<Session>, which: Stream) {
                         if got < want {
                             continue;
                         }
-                    } else if got == 0 {
-                        if n < 0 {
-                            return Err(std::io::Error::last_os_error());
-                        }
-                        return Ok(0);
                     }
                     // Full, or the pipe is empty (EAGAIN) or at EOF after some bytes:
                     // deliver these; the next readiness check finds the rest.
-                    return Ok(got);
+                    if got > 0 || n == 0 {
+                        return Ok(got);
+                    }
+                    return Err(std::io::Error::last_os_error());
                 }
             });
             let n = match res {

@@ -7,7 +7,7 @@
 //! permissions for every file syscall these threads make.
 
 use std::sync::mpsc as std_mpsc;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, Once, OnceLock};
 use tokio::sync::oneshot;
 
 type Job = Box<dyn FnOnce() + Send + 'static>;
@@ -19,9 +19,9 @@ pub(crate) struct Worker {
     rx: Arc<Mutex<std_mpsc::Receiver<Job>>>,
     threads: usize,
     identity: Option<FsIdentity>,
-    /// Whether the first thread could be started (set by the first job).
-    started: Arc<OnceLock<Result<(), String>>>,
-    /// Why the pool could not take the sandbox user's identity, once it has tried.
+    started: Arc<Once>,
+    /// Why the pool cannot serve (its first thread could not start, or could not take
+    /// the sandbox user's identity), once it has tried.
     failed: Arc<OnceLock<String>>,
 }
 
@@ -48,20 +48,18 @@ impl Worker {
             rx: Arc::new(Mutex::new(rx)),
             threads,
             identity,
-            started: Arc::new(OnceLock::new()),
+            started: Arc::new(Once::new()),
             failed: Arc::new(OnceLock::new()),
         }
     }
 
-    /// Starts the threads unless they were started already; the outcome is kept.
-    pub(crate) fn start_once(&self) -> &Result<(), String> {
-        self.started.get_or_init(|| {
-            let started = self.start();
-            if let Err(e) = &started {
-                tracing::error!(event = "file.unavailable", error = %e, "file operations are unavailable");
+    /// Starts the threads unless they were started already.
+    pub(crate) fn start_once(&self) {
+        self.started.call_once(|| {
+            if let Err(e) = self.start() {
+                fail(&self.failed, e);
             }
-            started
-        })
+        });
     }
 
     fn start(&self) -> Result<(), String> {
@@ -70,8 +68,7 @@ impl Worker {
         spawn_thread(0, move || {
             if let Some(id) = identity {
                 if let Err(e) = take_identity(id) {
-                    tracing::error!(event = "file.unavailable", error = %e, "file operations are unavailable");
-                    let _ = failed.set(e);
+                    fail(&failed, e);
                     // Dropping a job drops its reply channel: the caller gets `failed`.
                     drain(&rx, drop);
                     return;
@@ -124,15 +121,22 @@ impl Worker {
                 "the file worker stopped; the supervisor is shutting down",
             ),
         };
-        let queued = match self.start_once() {
-            Ok(()) => self.tx.send(job).map_err(|_| gone()),
-            Err(e) => Err(unavailable(e)),
+        self.start_once();
+        let queued = match self.failed.get() {
+            None => self.tx.send(job).map_err(|_| gone()),
+            Some(why) => Err(unavailable(why)),
         };
         async move {
             queued?;
             rx.await.map_err(|_| gone())
         }
     }
+}
+
+/// Records why the pool cannot serve, logged once.
+fn fail(failed: &OnceLock<String>, why: String) {
+    tracing::error!(event = "file.unavailable", error = %why, "file operations are unavailable");
+    let _ = failed.set(why);
 }
 
 fn unavailable(why: &str) -> super::FileError {
